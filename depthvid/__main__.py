@@ -1,0 +1,5 @@
+import sys
+
+from depthvid.cli import main
+
+sys.exit(main())
