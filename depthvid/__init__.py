@@ -6,8 +6,8 @@ __version__ = "0.1.0"
 # name -> module; imported on first use so `import depthvid` (and the CLI) start fast
 _EXPORTS = {
     "TuneConfig": "depthvid.config",
-    "tune": "depthvid.tune",
-    "edit": "depthvid.edit",
+    "tune": "depthvid.tuning",
+    "edit": "depthvid.editing",
     "inflate_unet": "depthvid.models",
     "VideoUNet": "depthvid.models",
     "load_video": "depthvid.video",
