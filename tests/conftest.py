@@ -5,3 +5,22 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A tiny random stable-diffusion-2-depth folder (depthvid.testing.save_tiny_pipeline, seed 0),
+    saved once per test session. Treat it as read-only."""
+    from depthvid.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd2_depth"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random CLIPModel + CLIPProcessor folder (depthvid.testing.save_tiny_clip, seed 0)."""
+    from depthvid.testing import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=0)
