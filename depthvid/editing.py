@@ -1,0 +1,217 @@
+"""Editing a tuned run: DDIM inversion of the source latents, then guided DDIM sampling.
+
+Both loops are written out here over diffusers' schedulers (DDIMInverseScheduler, DDIMScheduler),
+outside the model classes. The UNet input is always cat(latents, depth) along channels.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from depthvid.errors import UserError
+from depthvid.fileutil import check_writable
+from depthvid.tuning import CACHE_FILE, autocast, autocast_dtype, pick_device, prepare_cache, read_run, save_tensors
+
+INVERSION_DIR = "inversions"
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+
+@dataclass
+class EditResult:
+    outputs: list[Path]  # one per prompt, in prompt order
+    side_by_side: Path
+    inversion_cached: bool  # True when the inverted latents came from RUN_DIR's cache
+    metrics: list[dict] = field(default_factory=list)
+
+
+def unet_input(latents: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+    """(B, 4, F, h, w) latents + (1, 1, F, h, w) depth -> (B, 5, F, h, w)."""
+    return torch.cat([latents, depth.expand(latents.shape[0], -1, -1, -1, -1).to(latents.dtype)], dim=1)
+
+
+@torch.no_grad()
+def ddim_invert(video_unet, scheduler_config, latents, depth, prompt_embeds, steps: int, progress: bool = True):
+    """Run DDIM backwards from the clean latents (1, 4, F, h, w) to the noise that regenerates them."""
+    from diffusers import DDIMInverseScheduler
+
+    inverse = DDIMInverseScheduler.from_config(scheduler_config)
+    inverse.set_timesteps(steps, device=latents.device)
+    for timestep in tqdm(inverse.timesteps, desc="invert", disable=not progress, dynamic_ncols=True):
+        noise_pred = video_unet(unet_input(latents, depth), timestep, prompt_embeds)
+        latents = inverse.step(noise_pred.float(), timestep, latents).prev_sample
+    return latents
+
+
+@torch.no_grad()
+def ddim_sample(video_unet, scheduler_config, noise, depth, prompt_embeds, uncond_embeds, steps: int,
+                guidance: float, eta: float = 0.0, generator=None, progress: bool = True):
+    """Guided DDIM sampling of every prompt from the same starting noise.
+
+    noise: (1, 4, F, h, w); prompt_embeds: (P, L, D); uncond_embeds: (1, L, D).
+    Returns latents (P, 4, F, h, w).
+    """
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(steps, device=noise.device)
+    num_prompts = prompt_embeds.shape[0]
+    latents = noise.expand(num_prompts, -1, -1, -1, -1).clone()
+    guided = guidance != 1.0
+    embeds = torch.cat([uncond_embeds.expand(num_prompts, -1, -1), prompt_embeds]) if guided else prompt_embeds
+    for timestep in tqdm(scheduler.timesteps, desc="sample", disable=not progress, dynamic_ncols=True):
+        model_in = unet_input(torch.cat([latents, latents]) if guided else latents, depth)
+        noise_pred = video_unet(model_in, timestep, embeds).float()
+        if guided:
+            uncond, cond = noise_pred.chunk(2)
+            noise_pred = uncond + guidance * (cond - uncond)
+        latents = scheduler.step(noise_pred, timestep, latents, eta=eta, generator=generator).prev_sample
+    return latents
+
+
+def tensor_digest(*parts) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            digest.update(part.detach().cpu().contiguous().float().numpy().tobytes())
+        else:
+            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:20]
+
+
+def output_paths(out: Path, prompts: list[str]) -> tuple[list[Path], Path]:
+    """One output per prompt plus the side-by-side, named from OUT."""
+    def slug(text: str) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "edit"
+
+    if out.suffix.lower() in VIDEO_SUFFIXES:
+        if len(prompts) == 1:
+            return [out], out.with_name(f"{out.stem}-side-by-side{out.suffix}")
+        return ([out.with_name(f"{out.stem}-{i}-{slug(p)}{out.suffix}") for i, p in enumerate(prompts)],
+                out.with_name(f"{out.stem}-side-by-side{out.suffix}"))
+    return [out / f"{i}-{slug(p)}" for i, p in enumerate(prompts)], out / "side-by-side"
+
+
+def edit(
+    run_dir: str | Path,
+    prompts: list[str],
+    out: str | Path,
+    *,
+    steps: int = 50,
+    guidance: float = 12.5,
+    seed: int = 0,
+    eta: float = 0.0,
+    negative_prompt: str = "",
+    frames: int | None = None,
+    video: str | None = None,
+    depth_video: str | None = None,
+    depth_scale: float = 1.0,
+    depth_shift: float = 0.0,
+    fps: int = 8,
+    precision: str = "auto",
+    device: str = "auto",
+    evaluate: bool = False,
+    clip_model: str | None = None,
+    progress: bool = True,
+) -> EditResult:
+    """Re-render a tuned run's clip under new prompts.
+
+    Args:
+        run_dir: a folder written by :func:`depthvid.tune`.
+        prompts: the edited captions; they are sampled together in one batch.
+        out: ``.mp4``/``.gif`` file, or a folder of PNG frames (one sub-folder per prompt).
+        steps: DDIM steps for inversion and sampling.
+        guidance: classifier-free guidance scale (1 = no guidance).
+        seed: seeds the sampler's noise when ``eta > 0`` (eta = 0 is deterministic).
+        frames: sample this many frames (may exceed the tuned count); default the tuned frames.
+        video: the source clip when it moved since tuning (needed only with ``frames``).
+        depth_video: a depth video replacing the estimated depth (near = bright).
+        depth_scale, depth_shift: applied to the normalised depth: d * scale + shift.
+        evaluate: score each output with the CLIP metrics and depth fidelity.
+    """
+    from depthvid.depth import depth_to_frames, estimate_depth, load_depth_video
+    from depthvid.loading import decode_latents, encode_frames, encode_prompts, load_base_model
+    from depthvid.models import inflate_unet, load_adapter
+    from depthvid.video import load_video, make_grid, write_video
+
+    # -- check everything before loading anything
+    run_dir, out = Path(run_dir), Path(out)
+    config, run = read_run(run_dir)
+    if not (run_dir / "adapter.safetensors").is_file():
+        raise UserError(f"{str(run_dir)!r} has no adapter.safetensors yet; let `depthvid tune` reach a checkpoint")
+    if not prompts or any(not p or not p.strip() for p in prompts):
+        raise UserError("--prompt: an edit prompt is empty; give the caption you want the video to have")
+    if steps <= 0:
+        raise UserError(f"--steps {steps}: must be >= 1 (50 is a good default)")
+    if guidance < 0:
+        raise UserError(f"--guidance {guidance}: must be >= 0 (1 = no guidance; 7.5-12.5 is typical)")
+    if frames is not None and frames < 1:
+        raise UserError(f"--frames {frames}: must be >= 1")
+    outputs, side_by_side = output_paths(out, prompts)
+    check_writable(out, "-o")
+    device = pick_device(device)
+    dtype = autocast_dtype(precision, device)
+
+    # -- source: the cached clip, or a new frame count read from the video
+    cache = load_file(str(run_dir / CACHE_FILE))
+    base = load_base_model(config.model, device)
+    if frames is not None and frames != cache["latents"].shape[2]:
+        source = video or config.video
+        if not Path(source).exists():
+            raise UserError(f"--frames {frames}: the source video {source!r} is gone; pass --video PATH")
+        clip = load_video(source, frames, config.height, config.width,
+                          sample=config.sample, start=config.start, stride=config.stride)
+        cache = prepare_cache(base, config, clip)
+    source_frames = cache["frames"].float() / 255  # (F, 3, H, W)
+    latents = cache["latents"].to(device)
+    num_frames = latents.shape[2]
+    depth = cache["depth"]
+    if depth_video is not None:
+        depth = load_depth_video(depth_video, num_frames, tuple(latents.shape[-2:]),
+                                 normalize=config.depth_normalize).transpose(0, 1)[None]
+    depth = (depth * depth_scale + depth_shift).to(device)
+
+    # -- model: base + inflation + the tuned weights
+    video_unet = inflate_unet(base.unet)
+    load_adapter(video_unet, run_dir)
+    video_unet.eval()
+    empty = encode_prompts(base, [negative_prompt]).to(device)
+    prompt_embeds = encode_prompts(base, prompts).to(device)
+
+    # -- inversion, cached by everything it depends on
+    adapter_digest = hashlib.sha256((run_dir / "adapter.safetensors").read_bytes()).hexdigest()
+    key = tensor_digest(adapter_digest, latents, depth, steps, str(dtype), negative_prompt, dict(base.scheduler.config))
+    inversion_path = run_dir / INVERSION_DIR / f"{key}.safetensors"
+    inversion_cached = inversion_path.is_file()
+    with autocast(device, dtype):
+        if inversion_cached:
+            noise = load_file(str(inversion_path))["latents"].to(device)
+        else:
+            noise = ddim_invert(video_unet, base.scheduler.config, latents, depth, empty, steps, progress)
+            save_tensors(inversion_path, {"latents": noise.cpu()})
+        generator = torch.Generator(device).manual_seed(seed)
+        edited = ddim_sample(video_unet, base.scheduler.config, noise, depth, prompt_embeds, empty, steps,
+                             guidance, eta=eta, generator=generator, progress=progress)
+    videos = decode_latents(base, edited)  # (P, F, 3, H, W)
+
+    # -- outputs: one per prompt + source | depth | edits
+    for path, frames_out in zip(outputs, videos):
+        write_video(frames_out, path, fps=fps)
+    grid = make_grid([source_frames, depth_to_frames(depth[0].transpose(0, 1).cpu()), *videos])
+    write_video(grid, side_by_side, fps=fps)
+    result = EditResult(outputs=outputs, side_by_side=side_by_side, inversion_cached=inversion_cached)
+    if evaluate:
+        from depthvid.evaluate import evaluate_edit, load_models
+        from depthvid.metrics import EvalOptions
+
+        options = EvalOptions(depth_model=config.model, **({"clip_model": clip_model} if clip_model else {}))
+        models = load_models(options, with_depth=True)
+        result.metrics = [evaluate_edit(str(path), prompt, options=options, source_frames=source_frames, models=models)
+                          for path, prompt in zip(outputs, prompts)]
+    return result

@@ -1,0 +1,136 @@
+"""Load the base depth-conditioned image model and the shared encode/decode steps around it."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from depthvid.errors import UserError
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-2-depth"
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "depth_estimator", "feature_extractor")
+
+
+@dataclass
+class BaseModel:
+    """The components of a stable-diffusion-2-depth style pipeline that depthvid uses."""
+
+    model: str  # hub id or local folder it came from
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    depth_estimator: torch.nn.Module
+    feature_extractor: object
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def check_model_folder(model: str) -> None:
+    """A local model folder must hold model_index.json and every component depthvid needs."""
+    path = Path(model)
+    if not path.exists():
+        if model.startswith((".", "/", "~")) or model.count("/") != 1:
+            raise UserError(f"--model {model!r}: no such folder, and not a hub id (owner/name); check the path")
+        return  # a hub id: from_pretrained resolves it
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"--model {model!r}: no model_index.json; point it at a stable-diffusion-2-depth folder")
+    for name in COMPONENTS:
+        if not (path / name).is_dir():
+            raise UserError(
+                f"--model {model!r}: component {name!r} is missing ({path / name}/); "
+                "use a complete stable-diffusion-2-depth folder"
+            )
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Silence diffusers/transformers loading bars and info logs (our own bars say what runs)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+
+
+def load_base_model(model: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype=torch.float32) -> BaseModel:
+    """Load every component through diffusers' ``from_pretrained`` (hub id or local folder).
+
+    The depth estimator always runs in float32 (DPT-Hybrid's batch norm misbehaves in fp16).
+    """
+    from diffusers import StableDiffusionDepth2ImgPipeline
+
+    check_model_folder(model)
+    try:
+        with quiet_loading():
+            pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(model, dtype=dtype)
+    except (OSError, ValueError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"--model {model!r}: could not load it ({reason}); pass a local stable-diffusion-2-depth folder"
+        ) from None
+    if pipe.unet.config.in_channels != 5:
+        raise UserError(
+            f"--model {model!r}: its UNet has in_channels={pipe.unet.config.in_channels}, not 5 "
+            "(4 latent + 1 depth); depthvid needs a depth-conditioned model like stabilityai/stable-diffusion-2-depth"
+        )
+    base = BaseModel(
+        model=model,
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler=pipe.scheduler,
+        depth_estimator=pipe.depth_estimator.float(),
+        feature_extractor=pipe.feature_extractor,
+    )
+    for module in (base.unet, base.vae, base.text_encoder, base.depth_estimator):
+        module.to(device).requires_grad_(False).eval()
+    return base
+
+
+@torch.no_grad()
+def encode_prompts(base: BaseModel, prompts: list[str]) -> torch.Tensor:
+    """prompts -> (len(prompts), tokens, text_dim) CLIP text embeddings."""
+    ids = base.tokenizer(
+        prompts, padding="max_length", max_length=base.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return base.text_encoder(ids.to(base.text_encoder.device))[0]
+
+
+@torch.no_grad()
+def encode_frames(base: BaseModel, frames: torch.Tensor, chunk: int = 4) -> torch.Tensor:
+    """frames (F, 3, H, W) in [0, 1] -> latents (1, 4, F, H/8, W/8), scaled by the VAE factor."""
+    vae = base.vae
+    latents = [
+        vae.encode((part * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean
+        for part in frames.split(chunk)
+    ]
+    # (F, 4, h, w) -> (1, 4, F, h, w)
+    return (torch.cat(latents) * vae.config.scaling_factor).transpose(0, 1)[None].float()
+
+
+@torch.no_grad()
+def decode_latents(base: BaseModel, latents: torch.Tensor, chunk: int = 4) -> torch.Tensor:
+    """latents (B, 4, F, h, w) -> frames (B, F, 3, H, W) in [0, 1]."""
+    vae = base.vae
+    batch = latents.shape[0]
+    # (B, 4, F, h, w) -> (B*F, 4, h, w)
+    flat = latents.transpose(1, 2).flatten(0, 1) / vae.config.scaling_factor
+    images = [vae.decode(part.to(vae.device, vae.dtype)).sample.float() for part in flat.split(chunk)]
+    return ((torch.cat(images) + 1) / 2).clamp(0, 1).unflatten(0, (batch, -1)).cpu()
