@@ -24,3 +24,14 @@ def tiny_clip_dir(tmp_path_factory):
     from depthvid.testing import save_tiny_clip
 
     return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The test shapes are tiny: one thread beats two (and other processes may share the cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

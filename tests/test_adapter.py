@@ -32,15 +32,6 @@ SD2_DEPTH_TINY = dict(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes run faster on one thread, and far faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_video_unet(name="tiny/sd2-depth", **inflation):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD2_DEPTH_TINY).eval()

@@ -16,15 +16,6 @@ from depthvid.video import load_video, write_video
 PROMPT = "a red ball bouncing in the snow"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes run fastest on one thread, and other test processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def clip_dir(tiny_clip_dir):
     return str(tiny_clip_dir)

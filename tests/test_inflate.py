@@ -75,15 +75,6 @@ SD2_DEPTH_CONFIG = dict(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes run faster on one thread, and far faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_unet(name: str) -> UNet2DConditionModel:
     torch.manual_seed(0)
     return UNet2DConditionModel(**CONFIGS[name]).eval()

@@ -20,15 +20,6 @@ from depthvid.testing import make_sample_clip
 PROMPTS = ["a red ball bouncing", "a cat", "snowy mountains at dusk", "an oil painting of a city", "zzz"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes run fastest on one thread, and other test processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def clip(tiny_clip_dir):
     return load_clip(str(tiny_clip_dir), device="cpu")

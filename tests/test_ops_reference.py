@@ -18,15 +18,6 @@ DTYPES = [torch.float32, torch.float16]
 HEADS, TOKENS, HEAD_DIM = 2, 7, 8  # odd token count
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes run faster on one thread, and far faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def explicit_softmax(scores):
     weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
     return weights / weights.sum(dim=-1, keepdim=True)
