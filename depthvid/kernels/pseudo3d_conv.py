@@ -1,0 +1,759 @@
+"""Pseudo-3D (1 x kh x kw) convolution in Triton: an implicit GEMM with a fused GroupNorm+SiLU
+prologue and a bias / time-embedding / residual / output-scale epilogue.
+
+Every frame is convolved on its own, so the conv is a GEMM per frame:
+
+    M = H_out * W_out output pixels, N = C_out, K = C_in * kh * kw,
+    out[m, n] = sum_k silu(group_norm(x))[pixel(m) shifted by tap(k), channel(k)] * weight[n, k]
+
+``x`` is read in place through its five strides, never unfolded (im2col) or copied; the model's
+non-contiguous (1, C, B*F, H, W) view of a (B*F, C, H, W) tensor works as is. Padding is a load
+mask, so the zero border is applied *after* the prologue, as in the reference.
+
+What runs where
+---------------
+forward   ``_group_norm_stats_kernel`` (only with ``norm``): two passes over each (b, f, group)
+          -> per-(frame, channel) ``scale = rstd * gamma`` and ``shift = beta - mean * scale``
+          (fp32, (B*F, C_in)), so the conv's prologue is one FMA + SiLU per loaded element.
+          ``_pseudo3d_conv_fwd_kernel``: prologue on the loaded tile, tl.dot, fp32 accumulator,
+          epilogue ``(acc + bias + temb + residual) / output_scale`` stored in x's dtype.
+backward  ``_pseudo3d_conv_bwd_dx_kernel``: dL/d(conv input) as a transposed implicit GEMM
+          (M = input pixels, N = C_in, K = C_out * kh * kw), with the 1/output_scale folded in.
+          Not fused, in torch: the GroupNorm+SiLU backward (autograd on a recomputation of the
+          prologue from the saved x), dWeight (``torch.nn.grad.conv2d_weight``, weights are frozen
+          while tuning), and the reductions for dBias / dTemb (sums of grad_out) and dResidual.
+          Saved for backward: x and the weights only; no normalised activation is kept.
+
+Cost (C_in = C_out = C, 3x3, stride 1, P = B*F*H*W pixels, elements of x's dtype)
+---------------------------------------------------------------------------------
+FLOPs: 2 * P * C * C * 9 in both; the prologue adds ~6 * P * C * 9 * ceil(C / BLOCK_N) (it is
+redone for every tap and every N block: ~2% of the GEMM for BLOCK_N = 128).
+
+DRAM traffic, forward with norm + temb + residual (the diffusers ResnetBlock2D second half):
+  torch reference   group_norm reads x twice, writes h1; silu reads h1, writes h2; conv reads h2,
+                    writes y; +temb, +residual and /scale each read and rewrite y (+ reads the
+                    residual): 6 P*C (input side) + 8 P*C (output side) = 14 P*C, plus 2 P*C of
+                    transient memory (h1, h2) and 3 P*C more held by autograd (x, h1/h2 inputs).
+  this kernel       stats reads x twice, the conv reads x once (halo re-reads hit L2) and the
+                    residual once, writes out once: 5 P*C, no transient activation; autograd
+                    holds x only.
+  Without extras both are 2 P*C (read x, write out; torch fuses the bias).
+Backward (dx only): the dX kernel reads grad_out and writes dh (2 P*C); the torch GroupNorm+SiLU
+recompute/backward adds ~8 P*C. With stride 2, the dX kernel masks 3/4 of its taps to zero
+(each input pixel receives from one output parity), spending 4x the needed MMA work there;
+SD has only three stride-2 convs.
+
+Launch shape: grid (pixel blocks of one frame, C_out blocks, B*F); one flat K loop over
+(tap, channel block), so a block never straddles two frames and the pipeliner sees one loop.
+Configs (``pick_conv_config``): BLOCK_M = 128, BLOCK_N = 128 or 64, BLOCK_K = 64 (fp16/bf16) or
+32 (fp32). Shared memory per block, compiled here for sm_80 and sm_90 (triton 3.9): 24-34 KB
+fp16/bf16, 48-81 KB fp32, against 163 KB / 227 KB.
+
+GPU notes (not timed: no GPU here). fp32 dots use input_precision="ieee" to match the fp32
+reference (slower than TF32 tensor cores). The weight tile is read through strides: for
+(C_out, C_in, 3, 3) storage the N direction is strided by C_in*9; a weight stored as
+(kh, kw, C_in, C_out) (pass ``w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)``) makes it
+contiguous without a kernel change. 8x8 frames (SD's deepest level) fill half a BLOCK_M tile.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from depthvid.errors import UserError
+from depthvid.ops.pseudo3d_conv import GroupNormSiLU, fold_frames, unfold_frames
+
+_STATS_BLOCK = 1024  # elements of one (b, f, group) reduced per step
+_STATS_BLOCK_C = 64  # channels of one group whose scale/shift are written per step
+
+
+@triton.jit
+def _group_norm_stats_kernel(
+    x_ptr,  # (B, C, F, H, W), any strides
+    gamma_ptr,  # (C,); unused unless HAS_AFFINE
+    beta_ptr,  # (C,); unused unless HAS_AFFINE
+    scale_ptr,  # (B*F, C) fp32, contiguous (out)
+    shift_ptr,  # (B*F, C) fp32, contiguous (out)
+    num_frames,
+    channels,
+    height,
+    width,
+    group_size,
+    eps,
+    stride_xb,
+    stride_xc,
+    stride_xf,
+    stride_xh,
+    stride_xw,
+    HAS_AFFINE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    frame_row = tl.program_id(0)  # b * F + f
+    group = tl.program_id(1)
+    b = frame_row // num_frames
+    f = frame_row % num_frames
+    first_channel = group * group_size
+    x_group = x_ptr + b.to(tl.int64) * stride_xb + f.to(tl.int64) * stride_xf + first_channel.to(tl.int64) * stride_xc
+    pixels = height * width
+    count = group_size * pixels
+
+    # -- mean: fp32 partial sums per lane, reduced once at the end --
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, count, BLOCK):
+        e = start + tl.arange(0, BLOCK)  # flat index over (channel in group, h, w)
+        c = e // pixels
+        p = e % pixels
+        vals = tl.load(x_group + c * stride_xc + (p // width) * stride_xh + (p % width) * stride_xw, mask=e < count, other=0.0)
+        acc += vals.to(tl.float32)
+    mean = tl.sum(acc, axis=0) / count
+
+    # -- variance: a second pass over centred values (no E[x^2] - E[x]^2 cancellation) --
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, count, BLOCK):
+        e = start + tl.arange(0, BLOCK)
+        c = e // pixels
+        p = e % pixels
+        mask = e < count
+        vals = tl.load(x_group + c * stride_xc + (p // width) * stride_xh + (p % width) * stride_xw, mask=mask, other=0.0)
+        centred = tl.where(mask, vals.to(tl.float32) - mean, 0.0)
+        acc += centred * centred
+    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / count + eps)
+
+    # -- fold the affine into one FMA for the conv's prologue: z = x * scale + shift --
+    for c0 in range(0, group_size, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < group_size
+        if HAS_AFFINE:
+            gamma = tl.load(gamma_ptr + first_channel + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+            beta = tl.load(beta_ptr + first_channel + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        else:
+            gamma = tl.full((BLOCK_C,), 1.0, tl.float32)
+            beta = tl.zeros((BLOCK_C,), tl.float32)
+        scale = rstd * gamma
+        out_offs = frame_row * channels + first_channel + offs_c
+        tl.store(scale_ptr + out_offs, scale, mask=mask_c)
+        tl.store(shift_ptr + out_offs, beta - mean * scale, mask=mask_c)
+
+
+@triton.jit
+def _pseudo3d_conv_fwd_kernel(
+    x_ptr,  # (B, C_in, F, H, W), any strides
+    weight_ptr,  # (C_out, C_in, kernel_h, kernel_w), any strides
+    bias_ptr,  # (C_out,); unused unless HAS_BIAS
+    norm_scale_ptr,  # (B*F, C_in) fp32, contiguous; unused unless HAS_NORM
+    norm_shift_ptr,  # (B*F, C_in) fp32, contiguous; unused unless HAS_NORM
+    temb_ptr,  # (B, F, C_out) through strides, stride_tf = 0 for a (B, C_out) temb; unused unless HAS_TEMB
+    residual_ptr,  # (B, C_out, F, H_out, W_out), any strides; unused unless HAS_RESIDUAL
+    out_ptr,  # (B, C_out, F, H_out, W_out), any strides (out)
+    num_frames,
+    c_in,
+    height,
+    width,
+    c_out,
+    height_out,
+    width_out,
+    stride_xb,
+    stride_xc,
+    stride_xf,
+    stride_xh,
+    stride_xw,
+    stride_wo,
+    stride_wc,
+    stride_wh,
+    stride_ww,
+    stride_tb,
+    stride_tf,
+    stride_tc,
+    stride_rb,
+    stride_rc,
+    stride_rf,
+    stride_rh,
+    stride_rw,
+    stride_ob,
+    stride_oc,
+    stride_of,
+    stride_oh,
+    stride_ow,
+    conv_stride,
+    padding,
+    output_scale,
+    kernel_h,
+    kernel_w,
+    HAS_BIAS: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    HAS_TEMB: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    tl.static_assert(BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot operands need every dim >= 16 on GPU")
+    tl.static_assert(BLOCK_M >= 16, "tl.dot operands need every dim >= 16 on GPU")
+    # grid: (pixel blocks of one frame, C_out blocks, B*F); a block never straddles two frames,
+    # so (b, f) and the prologue's per-frame statistics are scalars / vectors, not gathers
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    frame_row = tl.program_id(2)  # b * F + f
+    b = frame_row // num_frames
+    f = frame_row % num_frames
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixel oh * W_out + ow
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channel
+    mask_m = offs_m < height_out * width_out
+    mask_n = offs_n < c_out
+    oh = offs_m // width_out
+    ow = offs_m % width_out
+    # tap (i, j) of output pixel (oh, ow) reads input pixel (oh * s - p + i, ow * s - p + j):
+    # inside the frame when row_lo <= i < row_hi and col_lo <= j < col_hi (zero padding
+    # otherwise); rows past the frame's last pixel get an empty range
+    row_lo = tl.where(mask_m, padding - oh * conv_stride, kernel_h)
+    row_hi = height + padding - oh * conv_stride
+    col_lo = padding - ow * conv_stride
+    col_hi = width + padding - ow * conv_stride
+    x_frame = x_ptr + b.to(tl.int64) * stride_xb + f.to(tl.int64) * stride_xf
+    x_pixels = x_frame + (oh * conv_stride - padding) * stride_xh + (ow * conv_stride - padding) * stride_xw
+    w_cols = weight_ptr + offs_n * stride_wo
+    norm_row = frame_row * c_in
+
+    # fp32 accumulator whatever the input dtype
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # one flat K loop over (tap, channel block): a single A and B load per step, so the software
+    # pipeliner multi-buffers two tiles (not two per tap) and compiles one loop, not one per tap
+    channel_blocks = tl.cdiv(c_in, BLOCK_K)
+    for step in range(0, kernel_h * kernel_w * channel_blocks):
+        tap = step // channel_blocks
+        i = tap // kernel_w
+        j = tap - i * kernel_w
+        offs_k = (step - tap * channel_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)  # input channel
+        mask_k = offs_k < c_in
+        inside = (i >= row_lo) & (i < row_hi) & (j >= col_lo) & (j < col_hi)
+        x_mask = inside[:, None] & mask_k[None, :]
+        x_offs = (i * stride_xh + j * stride_xw) + offs_k * stride_xc
+        x_tile = tl.load(x_pixels[:, None] + x_offs[None, :], mask=x_mask, other=0.0)
+        if HAS_NORM:
+            # -- prologue: GroupNorm affine as one FMA, then SiLU, in fp32 --
+            norm_scale = tl.load(norm_scale_ptr + norm_row + offs_k, mask=mask_k, other=0.0)
+            norm_shift = tl.load(norm_shift_ptr + norm_row + offs_k, mask=mask_k, other=0.0)
+            z = x_tile.to(tl.float32) * norm_scale[None, :] + norm_shift[None, :]
+            # the conv zero-pads the normalised input: padding stays 0 after the prologue
+            x_tile = tl.where(x_mask, z * tl.sigmoid(z), 0.0).to(weight_ptr.dtype.element_ty)
+        w_offs = (i * stride_wh + j * stride_ww) + offs_k * stride_wc
+        w_tile = tl.load(w_offs[:, None] + w_cols[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+
+    # -- epilogue: (conv + bias + temb + residual) / output_scale, one rounding to out's dtype --
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_TEMB:
+        temb = tl.load(temb_ptr + b * stride_tb + f * stride_tf + offs_n * stride_tc, mask=mask_n, other=0.0)
+        acc += temb.to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        residual_frame = residual_ptr + b.to(tl.int64) * stride_rb + f.to(tl.int64) * stride_rf
+        residual = tl.load(
+            residual_frame + (oh * stride_rh + ow * stride_rw)[:, None] + offs_n[None, :] * stride_rc,
+            mask=out_mask,
+            other=0.0,
+        )
+        acc += residual.to(tl.float32)
+    acc = acc / output_scale
+    out_frame = out_ptr + b.to(tl.int64) * stride_ob + f.to(tl.int64) * stride_of
+    tl.store(
+        out_frame + (oh * stride_oh + ow * stride_ow)[:, None] + offs_n[None, :] * stride_oc,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=out_mask,
+    )
+
+
+@triton.jit
+def _pseudo3d_conv_bwd_dx_kernel(
+    grad_out_ptr,  # (B, C_out, F, H_out, W_out), any strides
+    weight_ptr,  # (C_out, C_in, kernel_h, kernel_w), any strides
+    grad_in_ptr,  # (B, C_in, F, H, W), any strides (out): dL/d(conv input)
+    num_frames,
+    c_in,
+    height,
+    width,
+    c_out,
+    height_out,
+    width_out,
+    stride_gb,
+    stride_gc,
+    stride_gf,
+    stride_gh,
+    stride_gw,
+    stride_wo,
+    stride_wc,
+    stride_wh,
+    stride_ww,
+    stride_ib,
+    stride_ic,
+    stride_if,
+    stride_ih,
+    stride_iw,
+    conv_stride,
+    padding,
+    output_scale,
+    kernel_h,
+    kernel_w,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    tl.static_assert(BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot operands need every dim >= 16 on GPU")
+    tl.static_assert(BLOCK_M >= 16, "tl.dot operands need every dim >= 16 on GPU")
+    # transposed implicit GEMM: M = input pixels of one frame, N = C_in, K = C_out * kh * kw
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    frame_row = tl.program_id(2)  # b * F + f
+    b = frame_row // num_frames
+    f = frame_row % num_frames
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixel ih * W + iw
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel
+    mask_m = offs_m < height * width
+    mask_n = offs_n < c_in
+    ih = offs_m // width
+    iw = offs_m % width
+    # rows past the frame's last pixel get a negative row so that no tap hits them
+    ih_padded = tl.where(mask_m, ih + padding, -1)
+    iw_padded = iw + padding
+    grad_out_frame = grad_out_ptr + b.to(tl.int64) * stride_gb + f.to(tl.int64) * stride_gf
+    w_cols = weight_ptr + offs_n * stride_wc
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    channel_blocks = tl.cdiv(c_out, BLOCK_K)
+    for step in range(0, kernel_h * kernel_w * channel_blocks):
+        tap = step // channel_blocks
+        i = tap // kernel_w
+        j = tap - i * kernel_w
+        offs_k = (step - tap * channel_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)  # output channel
+        mask_k = offs_k < c_out
+        # tap (i, j) of output pixel (oh, ow) read input (oh * s - p + i, ow * s - p + j), so input
+        # pixel (ih, iw) receives from oh = (ih + p - i) / s when that is a whole number in range
+        oh_times_s = ih_padded - i
+        ow_times_s = iw_padded - j
+        oh = oh_times_s // conv_stride
+        ow = ow_times_s // conv_stride
+        hit = (
+            (oh_times_s >= 0)
+            & (ow_times_s >= 0)
+            & (oh_times_s % conv_stride == 0)
+            & (ow_times_s % conv_stride == 0)
+            & (oh < height_out)
+            & (ow < width_out)
+        )
+        g_tile = tl.load(
+            grad_out_frame + (oh * stride_gh + ow * stride_gw)[:, None] + (offs_k * stride_gc)[None, :],
+            mask=hit[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        w_offs = (i * stride_wh + j * stride_ww) + offs_k * stride_wo
+        w_tile = tl.load(w_offs[:, None] + w_cols[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(g_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+
+    # -- epilogue: the forward divided the sum by output_scale --
+    acc = acc / output_scale
+    grad_in_frame = grad_in_ptr + b.to(tl.int64) * stride_ib + f.to(tl.int64) * stride_if
+    tl.store(
+        grad_in_frame + (ih * stride_ih + iw * stride_iw)[:, None] + offs_n[None, :] * stride_ic,
+        acc.to(grad_in_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    """Block sizes and launch options of one conv kernel launch."""
+
+    BLOCK_M: int  # pixels of one frame
+    BLOCK_N: int  # output channels (input channels for dX)
+    BLOCK_K: int  # reduction channels per tap
+    num_warps: int
+    num_stages: int
+
+
+def pick_conv_config(n_channels: int, dtype: torch.dtype) -> ConvConfig:
+    """The one config for a conv GEMM whose N dimension has ``n_channels`` channels.
+
+    A pure function of the shape: the interpreter cannot autotune, and few configs keep the
+    GPU compile check short. SD's channel counts are 320, 640 and 1280: BLOCK_N = 128 where it
+    divides them, else 64 (320 = 5 x 64, and the 4-channel conv_out). fp32 halves BLOCK_K to
+    keep the shared memory of the half-precision config. 8x8 frames (SD's deepest level at a
+    64x64 latent) fill half of a BLOCK_M = 128 tile.
+    """
+    block_n = 128 if n_channels % 128 == 0 else 64
+    block_k = 32 if dtype == torch.float32 else 64
+    return ConvConfig(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=block_n // 16, num_stages=3)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # "ieee" makes fp32 dots exact fp32 on GPU (TF32 otherwise); half inputs ignore it
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def launch_configs() -> list[dict]:
+    """Every (kernel, dtype, constexprs, launch options) the launchers below can pick on a GPU.
+
+    For the GPU compile check (tests/test_pseudo3d_conv.py). Each entry: ``kernel`` (name of the
+    @triton.jit function in this module), ``dtype`` (torch dtype of the data pointers),
+    ``constexprs`` (dict) and ``options`` (num_warps, num_stages).
+    """
+    configs = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        configs.append(
+            dict(
+                kernel="_group_norm_stats_kernel",
+                dtype=dtype,
+                constexprs=dict(HAS_AFFINE=True, BLOCK=_STATS_BLOCK, BLOCK_C=_STATS_BLOCK_C),
+                options=dict(num_warps=4, num_stages=1),
+            )
+        )
+        for n_channels in (320, 640):  # BLOCK_N = 64, 128
+            cfg = pick_conv_config(n_channels, dtype)
+            blocks = dict(
+                BLOCK_M=cfg.BLOCK_M,
+                BLOCK_N=cfg.BLOCK_N,
+                BLOCK_K=cfg.BLOCK_K,
+                INPUT_PRECISION=_input_precision(dtype),
+            )
+            options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            # the prologue changes how the A tile reaches the MMA (through registers, not a
+            # pipelined shared-memory copy): compile with every extra on and with none
+            for extras in (True, False):
+                flags = dict(HAS_BIAS=extras, HAS_NORM=extras, HAS_TEMB=extras, HAS_RESIDUAL=extras)
+                configs.append(
+                    dict(kernel="_pseudo3d_conv_fwd_kernel", dtype=dtype, constexprs={**blocks, **flags}, options=options)
+                )
+            configs.append(dict(kernel="_pseudo3d_conv_bwd_dx_kernel", dtype=dtype, constexprs=blocks, options=options))
+    return configs
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _interpretable(t: torch.Tensor | None) -> torch.Tensor | None:
+    """bf16 -> fp32 for CPU tensors: the interpreter's tl.dot is wrong on bf16 and its bf16
+    arithmetic raises. On a GPU tensors pass through unchanged."""
+    if t is not None and t.device.type == "cpu" and t.dtype == torch.bfloat16:
+        return t.float()
+    return t
+
+
+def group_norm_scale_shift(x, num_groups: int, gamma, beta, eps: float):
+    """Per-(frame, channel) GroupNorm as an FMA: ``group_norm(x) = x * scale + shift``.
+
+    Args:
+        x: (B, C, F, H, W), any strides; statistics per (b, f, group) as in the reference.
+        gamma, beta: (C,) or both None (no affine).
+
+    Returns:
+        scale, shift: (B*F, C) fp32, contiguous.
+    """
+    x = _interpretable(x)
+    batch, channels, num_frames, height, width = x.shape
+    scale = torch.empty(batch * num_frames, channels, device=x.device, dtype=torch.float32)
+    shift = torch.empty_like(scale)
+    has_affine = gamma is not None
+    grid = (batch * num_frames, num_groups)
+    _group_norm_stats_kernel[grid](
+        x,
+        _interpretable(gamma) if has_affine else scale,
+        _interpretable(beta) if has_affine else scale,
+        scale,
+        shift,
+        num_frames,
+        channels,
+        height,
+        width,
+        channels // num_groups,
+        eps,
+        *x.stride(),
+        HAS_AFFINE=has_affine,
+        BLOCK=_STATS_BLOCK,
+        BLOCK_C=_STATS_BLOCK_C,
+        num_warps=4,
+        num_stages=1,
+    )
+    return scale, shift
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def pseudo3d_conv_fwd(x, weight, bias, stride, padding, norm_scale, norm_shift, temb, residual, output_scale):
+    """Launch the fused forward.
+
+    Args:
+        x: (B, C_in, F, H, W), any strides.
+        weight: (C_out, C_in, kh, kw); bias: (C_out,) or None.
+        norm_scale, norm_shift: (B*F, C_in) fp32 from :func:`group_norm_scale_shift`, or None.
+        temb: (B, C_out), (B, F, C_out) or None; residual: (B, C_out, F, H_out, W_out) or None.
+
+    Returns:
+        (B, C_out, F, H_out, W_out) in x's dtype: a transposed view of a contiguous
+        (B, F, C_out, H_out, W_out) buffer, i.e. frames-major like the reference's output.
+    """
+    out_dtype = x.dtype
+    x, weight, bias, temb, residual = map(_interpretable, (x, weight, bias, temb, residual))
+    batch, c_in, num_frames, height, width = x.shape
+    c_out, _, kh, kw = weight.shape
+    height_out = _output_size(height, kh, stride, padding)
+    width_out = _output_size(width, kw, stride, padding)
+    # (B, F, C_out, H_out, W_out) -> (B, C_out, F, H_out, W_out)
+    out = torch.empty(batch, num_frames, c_out, height_out, width_out, device=x.device, dtype=x.dtype).transpose(1, 2)
+
+    if temb is not None and temb.dim() == 2:
+        temb_strides = (temb.stride(0), 0, temb.stride(1))  # the same row for every frame
+    elif temb is not None:
+        temb_strides = temb.stride()
+    else:
+        temb_strides = (0, 0, 0)
+    cfg = pick_conv_config(c_out, x.dtype)
+    grid = (triton.cdiv(height_out * width_out, cfg.BLOCK_M), triton.cdiv(c_out, cfg.BLOCK_N), batch * num_frames)
+    _pseudo3d_conv_fwd_kernel[grid](
+        x,
+        weight,
+        bias if bias is not None else out,
+        norm_scale if norm_scale is not None else out,
+        norm_shift if norm_shift is not None else out,
+        temb if temb is not None else out,
+        residual if residual is not None else out,
+        out,
+        num_frames,
+        c_in,
+        height,
+        width,
+        c_out,
+        height_out,
+        width_out,
+        *x.stride(),
+        *weight.stride(),
+        *temb_strides,
+        *(residual.stride() if residual is not None else (0,) * 5),
+        *out.stride(),
+        stride,
+        padding,
+        float(output_scale),
+        kh,
+        kw,
+        HAS_BIAS=bias is not None,
+        HAS_NORM=norm_scale is not None,
+        HAS_TEMB=temb is not None,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK_M=cfg.BLOCK_M,
+        BLOCK_N=cfg.BLOCK_N,
+        BLOCK_K=cfg.BLOCK_K,
+        INPUT_PRECISION=_input_precision(x.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out.to(out_dtype)
+
+
+def pseudo3d_conv_bwd_dx(grad_out, weight, input_shape, stride, padding, output_scale):
+    """Gradient of the conv (and of the /output_scale) with respect to the conv's input.
+
+    Args:
+        grad_out: (B, C_out, F, H_out, W_out), any strides.
+        weight: (C_out, C_in, kh, kw).
+        input_shape: (B, C_in, F, H, W) of the conv's input.
+
+    Returns:
+        (B, C_in, F, H, W) in grad_out's dtype, laid out like the forward's output.
+    """
+    out_dtype = grad_out.dtype
+    grad_out, weight = _interpretable(grad_out), _interpretable(weight)
+    batch, c_in, num_frames, height, width = input_shape
+    c_out, _, kh, kw = weight.shape
+    height_out, width_out = grad_out.shape[-2:]
+    # (B, F, C_in, H, W) -> (B, C_in, F, H, W)
+    grad_in = torch.empty(batch, num_frames, c_in, height, width, device=grad_out.device, dtype=grad_out.dtype)
+    grad_in = grad_in.transpose(1, 2)
+    cfg = pick_conv_config(c_in, grad_out.dtype)
+    grid = (triton.cdiv(height * width, cfg.BLOCK_M), triton.cdiv(c_in, cfg.BLOCK_N), batch * num_frames)
+    _pseudo3d_conv_bwd_dx_kernel[grid](
+        grad_out,
+        weight,
+        grad_in,
+        num_frames,
+        c_in,
+        height,
+        width,
+        c_out,
+        height_out,
+        width_out,
+        *grad_out.stride(),
+        *weight.stride(),
+        *grad_in.stride(),
+        stride,
+        padding,
+        float(output_scale),
+        kh,
+        kw,
+        BLOCK_M=cfg.BLOCK_M,
+        BLOCK_N=cfg.BLOCK_N,
+        BLOCK_K=cfg.BLOCK_K,
+        INPUT_PRECISION=_input_precision(grad_out.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return grad_in.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def _prologue(x, num_groups, norm_weight, norm_bias, eps):
+    """The reference's GroupNorm+SiLU on a video: (B, C, F, H, W) -> (B, C, F, H, W)."""
+    h = F.silu(F.group_norm(fold_frames(x), num_groups, norm_weight, norm_bias, eps))
+    return unfold_frames(h, x.shape[2])
+
+
+class Pseudo3dConvFunction(torch.autograd.Function):
+    """Fused forward; backward = Triton dX + torch for the prologue, dWeight and the reductions."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, norm_weight, norm_bias, temb, residual, num_groups, eps, stride, padding, output_scale):
+        norm_scale = norm_shift = None
+        if num_groups is not None:
+            norm_scale, norm_shift = group_norm_scale_shift(x, num_groups, norm_weight, norm_bias, eps)
+        out = pseudo3d_conv_fwd(x, weight, bias, stride, padding, norm_scale, norm_shift, temb, residual, output_scale)
+        ctx.save_for_backward(x, weight, norm_weight, norm_bias)
+        ctx.conv = (num_groups, eps, stride, padding, output_scale)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.temb_meta = (temb.dim(), temb.dtype) if temb is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, norm_weight, norm_bias = ctx.saved_tensors
+        num_groups, eps, stride, padding, output_scale = ctx.conv
+        need_x, need_w, need_b, need_nw, need_nb, need_temb, need_res = ctx.needs_input_grad[:7]
+        grad_x = grad_w = grad_b = grad_nw = grad_nb = grad_temb = grad_res = None
+
+        # -- epilogue terms: each was added to the sum that was divided by output_scale --
+        if need_b:
+            grad_b = (grad_out.sum(dim=(0, 2, 3, 4), dtype=torch.float32) / output_scale).to(ctx.bias_dtype)
+        if need_temb:
+            temb_dim, temb_dtype = ctx.temb_meta
+            per_frame = grad_out.sum(dim=(3, 4), dtype=torch.float32) / output_scale  # (B, C_out, F)
+            grad_temb = (per_frame.sum(2) if temb_dim == 2 else per_frame.transpose(1, 2)).to(temb_dtype)
+        if need_res:
+            grad_res = grad_out / output_scale
+
+        # -- prologue: recompute silu(group_norm(x)) with torch autograd when anything needs it --
+        conv_input = x
+        prologue_inputs = []
+        if num_groups is not None and (need_x or need_w or need_nw or need_nb):
+            with torch.enable_grad():
+                x_ = x.detach().requires_grad_(need_x)
+                nw_ = norm_weight.detach().requires_grad_(need_nw) if norm_weight is not None else None
+                nb_ = norm_bias.detach().requires_grad_(need_nb) if norm_bias is not None else None
+                conv_input = _prologue(x_, num_groups, nw_, nb_, eps)
+            prologue_inputs = [t for t in (x_, nw_, nb_) if t is not None and t.requires_grad]
+
+        # -- conv input: Triton transposed implicit GEMM, then back through the prologue --
+        if need_x or need_nw or need_nb:
+            grad_h = pseudo3d_conv_bwd_dx(grad_out, weight, x.shape, stride, padding, output_scale)
+            if num_groups is None:
+                grad_x = grad_h
+            else:
+                grads = iter(torch.autograd.grad(conv_input, prologue_inputs, grad_h))
+                grad_x = next(grads) if need_x else None
+                grad_nw = next(grads) if need_nw else None
+                grad_nb = next(grads) if need_nb else None
+
+        # -- weight: torch (weights are frozen while tuning) --
+        if need_w:
+            grad_w = torch.nn.grad.conv2d_weight(
+                fold_frames(conv_input.detach()), weight.shape, fold_frames(grad_out) / output_scale, stride, padding
+            )
+        return grad_x, grad_w, grad_b, grad_nw, grad_nb, grad_temb, grad_res, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def _check_inputs(x, weight, bias, stride, padding, norm, temb, residual, output_scale):
+    """UserError for what the kernels cannot run; x (5D) and weight's C_in are checked by the op."""
+    name = "pseudo3d_conv(backend='triton')"
+    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError(
+            f"{name}: x is on the CPU but TRITON_INTERPRET is not 1; move the tensors to CUDA, "
+            "use backend='torch', or set TRITON_INTERPRET=1 before triton is imported"
+        )
+    if not isinstance(stride, int) or stride < 1:
+        raise UserError(f"{name}: stride must be an int >= 1, got {stride!r}; SD uses 1 (or 2 to downsample)")
+    if not isinstance(padding, int) or padding < 0:
+        raise UserError(f"{name}: padding must be an int >= 0, got {padding!r}; SD's 3x3 convs use 1")
+    if output_scale == 0:
+        raise UserError(f"{name}: output_scale must be non-zero, got {output_scale!r}; use 1.0 for no scaling")
+    batch, _, num_frames, height, width = x.shape
+    c_out, c_in, kh, kw = weight.shape
+    height_out = _output_size(height, kh, stride, padding)
+    width_out = _output_size(width, kw, stride, padding)
+    if height_out < 1 or width_out < 1:
+        raise UserError(
+            f"{name}: a {kh}x{kw} kernel with padding {padding} does not fit the {height}x{width} frames; "
+            "use larger frames or more padding"
+        )
+    expected = {
+        "weight": (weight, weight.shape),
+        "bias": (bias, (c_out,)),
+        "temb": (temb, (batch, c_out) if temb is None or temb.dim() == 2 else (batch, num_frames, c_out)),
+        "residual": (residual, (batch, c_out, num_frames, height_out, width_out)),
+    }
+    if norm is not None:
+        if norm.num_groups < 1 or c_in % norm.num_groups:
+            raise UserError(
+                f"{name}: norm.num_groups must divide C_in={c_in}, got {norm.num_groups}; use a divisor such as 32 for SD"
+            )
+        expected["norm.weight"] = (norm.weight, (c_in,))
+        expected["norm.bias"] = (norm.bias, (c_in,))
+        if (norm.weight is None) != (norm.bias is None):
+            raise UserError(f"{name}: norm.weight and norm.bias must both be tensors or both be None")
+    for arg, (tensor, shape) in expected.items():
+        if tensor is None:
+            continue
+        if tuple(tensor.shape) != tuple(shape):
+            wanted = f"{(batch, c_out)} or {(batch, num_frames, c_out)}" if arg == "temb" else f"{tuple(shape)}"
+            raise UserError(f"{name}: {arg} must have shape {wanted}, got {tuple(tensor.shape)}; fix the caller's {arg}")
+        if tensor.device != x.device:
+            raise UserError(f"{name}: {arg} is on {tensor.device} but x is on {x.device}; move it to {x.device}")
+        if tensor.dtype != x.dtype and not arg.startswith("norm."):
+            raise UserError(f"{name}: {arg} has dtype {tensor.dtype} but x has {x.dtype}; cast it with .to(x.dtype)")
+
+
+def pseudo3d_conv_triton(x, weight, bias, stride, padding, norm: GroupNormSiLU | None, temb, residual, output_scale):
+    """Triton backend of :func:`depthvid.ops.pseudo3d_conv`, differentiable in every tensor.
+
+    Args:
+        x: (B, C_in, F, H, W), any strides. weight: (C_out, C_in, kh, kw). bias: (C_out,) or None.
+        norm: GroupNorm (statistics per (b, f, group)) + SiLU applied to x first, or None.
+        temb: (B, C_out) or (B, F, C_out) or None. residual: (B, C_out, F, H_out, W_out) or None.
+        output_scale: the sum is divided by it.
+
+    Returns:
+        (B, C_out, F, H_out, W_out) in x's dtype.
+    """
+    _check_inputs(x, weight, bias, stride, padding, norm, temb, residual, output_scale)
+    if norm is None:
+        num_groups, norm_weight, norm_bias, eps = None, None, None, 0.0
+    else:
+        num_groups, norm_weight, norm_bias, eps = norm.num_groups, norm.weight, norm.bias, norm.eps
+    return Pseudo3dConvFunction.apply(
+        x, weight, bias, norm_weight, norm_bias, temb, residual, num_groups, eps, stride, padding, output_scale
+    )

@@ -1,0 +1,189 @@
+"""Temporal attention: the Triton kernels (run by the interpreter on CPU) against the torch reference,
+and a compile of every launch configuration for A100 (sm_80) and H100 (sm_90)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from _gpu_compile import SHARED_MEMORY_LIMITS, CompileJob, assert_fits_the_gpu, compile_jobs
+
+from depthvid.errors import UserError
+from depthvid.kernels import temporal_attn as kernel_module
+from depthvid.ops import temporal_attention
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# fp32: compared with the torch reference directly. fp16/bf16: the kernel's max error against an
+# fp64 reference may be at most `factor` times torch's own max error in that dtype, plus `atol`
+# (one ulp at 1.0) for outputs where torch happens to be exact.
+TOLERANCES = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(factor=2.0, atol=torch.finfo(torch.float16).eps),
+    torch.bfloat16: dict(factor=2.0, atol=torch.finfo(torch.bfloat16).eps),
+}
+
+SHAPES = {  # label: (batch, frames, heads, tokens, head_dim)
+    "one frame": (2, 1, 2, 9, 64),
+    "two frames, ragged tokens, head dim 40": (1, 2, 2, 17, 40),
+    "three frames, head dim 160": (1, 3, 1, 5, 160),
+    "five frames, head dim 80": (1, 5, 2, 11, 80),
+    "eight frames, two videos": (2, 8, 1, 9, 40),
+    "20 frames: three 8-frame chunks, last one ragged": (1, 20, 1, 2, 160),
+    "32 frames: two 16-frame chunks": (1, 32, 1, 3, 64),
+}
+
+
+def make_inputs(batch, frames, heads, tokens, head_dim, dtype, diffusers_layout=False):
+    """Random q, k, v (requiring grad) and an output gradient, all (batch*frames, heads, tokens, head_dim).
+
+    With ``diffusers_layout`` they are the non-contiguous views an attention processor makes:
+    (B*F, N, H*D) -> (B*F, N, H, D) -> transpose(1, 2).
+    """
+    shape = (batch * frames, heads, tokens, head_dim)
+    if diffusers_layout:
+        flat = [torch.randn(batch * frames, tokens, heads * head_dim) for _ in range(3)]
+        q, k, v = (t.unflatten(-1, (heads, head_dim)).transpose(1, 2).to(dtype) for t in flat)
+    else:
+        q, k, v = (torch.randn(shape).to(dtype) for _ in range(3))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    grad_out = torch.randn(shape).to(dtype)
+    return q, k, v, grad_out
+
+
+def forward_and_grads(q, k, v, grad_out, frames, backend):
+    out = temporal_attention(q, k, v, frames, backend=backend)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+def assert_matches_reference(q, k, v, grad_out, frames):
+    """Check out, dq, dk, dv of backend="triton" against backend="torch" at q's dtype."""
+    dtype = q.dtype
+    triton_results = forward_and_grads(q, k, v, grad_out, frames, "triton")
+    torch_results = forward_and_grads(q, k, v, grad_out, frames, "torch")
+    names = ("out", "dq", "dk", "dv")
+    for name, actual in zip(names, triton_results):
+        assert actual.dtype == dtype and actual.shape == q.shape, name
+    if dtype == torch.float32:
+        for name, actual, expected in zip(names, triton_results, torch_results):
+            torch.testing.assert_close(actual, expected, **TOLERANCES[dtype], msg=lambda m: f"{name}: {m}")
+        return
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact_results = forward_and_grads(*exact, grad_out.double(), frames, "torch")
+    tol = TOLERANCES[dtype]
+    for name, actual, lowp, expected in zip(names, triton_results, torch_results, exact_results):
+        error = (actual.double() - expected).abs().max().item()
+        torch_error = (lowp.double() - expected).abs().max().item()
+        bound = tol["factor"] * torch_error + tol["atol"]
+        assert error <= bound, f"{name}: max error {error:.3g} vs fp64 > {bound:.3g} (torch {dtype}: {torch_error:.3g})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_matches_torch_reference(shape, dtype):
+    torch.manual_seed(0)
+    batch, frames, heads, tokens, head_dim = shape
+    q, k, v, grad_out = make_inputs(*shape, dtype)
+    assert_matches_reference(q, k, v, grad_out, frames)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_strided_inputs_and_broadcast_gradient(dtype):
+    # the (B*F, N, H*D)-backed layout attention processors produce, read in place through strides,
+    # and an expanded (stride 0) output gradient such as out.sum() gives
+    torch.manual_seed(0)
+    batch, frames, heads, tokens, head_dim = 1, 4, 2, 7, 40
+    q, k, v, _ = make_inputs(batch, frames, heads, tokens, head_dim, dtype, diffusers_layout=True)
+    assert not q.is_contiguous()
+    grad_out = torch.tensor(0.5, dtype=dtype).expand(q.shape)
+    assert_matches_reference(q, k, v, grad_out, frames)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim_and_explicit_scale_is_used():
+    torch.manual_seed(0)
+    q, k, v, _ = make_inputs(1, 3, 1, 5, 64, torch.float32)
+    default = temporal_attention(q, k, v, 3, backend="triton")
+    explicit = temporal_attention(q, k, v, 3, scale=64**-0.5, backend="triton")
+    torch.testing.assert_close(default, explicit, atol=0, rtol=0)
+    sharp = temporal_attention(q, k, v, 3, scale=2.0, backend="triton")
+    torch.testing.assert_close(sharp, temporal_attention(q, k, v, 3, scale=2.0, backend="torch"), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(sharp, default, atol=1e-3)
+
+
+def test_empty_token_axis():
+    q, k, v, _ = make_inputs(1, 2, 1, 0, 64, torch.float32)
+    out = temporal_attention(q, k, v, 2, backend="triton")
+    assert out.shape == q.shape
+
+
+@pytest.mark.parametrize(
+    "dtypes, head_dim, match",
+    [
+        ((torch.float64,) * 3, 64, "float16/bfloat16/float32"),  # unsupported dtype
+        ((torch.float16, torch.float32, torch.float32), 64, "float16/bfloat16/float32"),  # mixed dtypes
+        ((torch.float32,) * 3, 320, "head_dim must be <= 256"),  # head dim beyond the register slab
+    ],
+    ids=["float64", "mixed dtypes", "head dim 320"],
+)
+def test_bad_inputs_raise_user_error(dtypes, head_dim, match):
+    q, k, v = (torch.randn(2, 1, 3, head_dim, dtype=dtype) for dtype in dtypes)
+    with pytest.raises(UserError, match=match):
+        temporal_attention(q, k, v, 2, backend="triton")
+
+
+def test_cpu_tensors_without_interpreter_raise_user_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v, _ = make_inputs(1, 2, 1, 3, 64, torch.float32)
+    with pytest.raises(UserError, match="needs CUDA tensors"):
+        temporal_attention(q, k, v, 2, backend="triton")
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("head_dim", [40, 64, 80, 160])
+@pytest.mark.parametrize("frames", [1, 3, 8, 9, 16, 24, 32, 33])
+def test_pick_config_respects_gpu_block_rules(frames, head_dim, backward):
+    config = kernel_module.pick_config(frames, head_dim, backward)
+    for block in (config.BLOCK_F, config.BLOCK_N, config.BLOCK_D):
+        assert block & (block - 1) == 0, f"{config}: blocks must be powers of 2"
+    assert config.BLOCK_D >= max(head_dim, 16)
+    assert config.BLOCK_F in (8, 16)
+    assert config.BLOCK_F * config.BLOCK_N * config.BLOCK_D <= 2048
+    assert config in kernel_module.launch_configs()["bwd" if backward else "fwd"]
+
+
+# -- GPU compile check (see _gpu_compile.py) ------------------------------------------------------
+
+
+def every_compile_job():
+    """A CompileJob for every kernel x every configuration the launchers can pick x dtype x sm_80/sm_90."""
+    jobs = []
+    for role, configs in kernel_module.launch_configs().items():
+        kernel = kernel_module.KERNELS[role]
+        for config in configs:
+            for dtype in ("float16", "bfloat16", "float32"):
+                for arch in SHARED_MEMORY_LIMITS:
+                    jobs.append(CompileJob(
+                        module=kernel_module.__name__, kernel=kernel.fn.__name__, dtype=dtype,
+                        constexprs=config.constexprs, options={"num_warps": config.num_warps}, arch=arch,
+                        fp32_pointers=("lse_ptr",), float_args=("scale", "qk_scale"),
+                        unit_args=tuple(n for n in kernel.arg_names if n.startswith("stride_") and n.endswith("d")),
+                    ))
+    return jobs
+
+
+COMPILE_JOBS = every_compile_job()
+
+
+@pytest.fixture(scope="module")
+def compiled_kernels():
+    return compile_jobs(COMPILE_JOBS)
+
+
+@pytest.mark.parametrize(
+    "index", range(len(COMPILE_JOBS)),
+    ids=[
+        f"{job.kernel.strip('_')}-F{c['BLOCK_F']}-N{c['BLOCK_N']}-D{c['BLOCK_D']}-{job.dtype}-sm{job.arch}"
+        for job in COMPILE_JOBS
+        for c in [job.constexprs]
+    ],
+)
+def test_every_launch_config_compiles_for_gpu(compiled_kernels, index):
+    assert_fits_the_gpu(compiled_kernels[index], COMPILE_JOBS[index].arch)
