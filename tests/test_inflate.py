@@ -322,3 +322,43 @@ def test_new_layers_follow_the_unet_dtype():
     video_unet = inflate_unet(make_unet("sd2_depth").to(torch.float16))
     assert video_unet.dtype == torch.float16
     assert {p.dtype for p in video_unet.parameters()} == {torch.float16}
+
+
+def test_triton_backend_gives_the_torch_output_and_gradients_on_the_tiny_pipeline(tiny_pipeline_dir, monkeypatch):
+    """The model calls the ops with backend=None, so use_backend switches every op inside it
+    (the Triton kernels run on CPU tensors under TRITON_INTERPRET=1, set in conftest.py)."""
+    import importlib
+
+    from depthvid.ops import use_backend
+
+    launches = {}
+    for op in ("sparse_causal_attn", "temporal_attn", "pseudo3d_conv"):
+        module = importlib.import_module(f"depthvid.kernels.{op}")
+        launcher = getattr(module, f"{op}_triton")
+
+        def counted(*args, _op=op, _launcher=launcher):
+            launches[_op] = launches.get(_op, 0) + 1
+            return _launcher(*args)
+
+        monkeypatch.setattr(module, f"{op}_triton", counted)
+
+    video_unet = inflate_unet(UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet"))
+    randomize_temporal(video_unet)
+    mark_trainable(video_unet)
+    config = dict(video_unet.unet.config)
+    sample, timesteps, text = make_inputs(config, batch=1, num_frames=3)
+    results = {}
+    for backend in ("torch", "triton"):
+        video_unet.zero_grad(set_to_none=True)
+        with use_backend(backend):
+            out = video_unet(sample, timesteps, text)
+            out.square().mean().backward()
+        grads = {name: p.grad.clone() for name, p in trainable_parameters(video_unet).items()}
+        results[backend] = out.detach(), grads
+    assert set(launches) == {"sparse_causal_attn", "temporal_attn", "pseudo3d_conv"}  # only under "triton"
+    (out_torch, grads_torch), (out_triton, grads_triton) = results["torch"], results["triton"]
+    assert torch.isfinite(out_torch).all() and out_torch.abs().amax() > 0
+    torch.testing.assert_close(out_triton, out_torch, atol=1e-5, rtol=1e-4)
+    assert grads_triton.keys() == grads_torch.keys() and len(grads_torch) > 0
+    for name, grad in grads_torch.items():
+        torch.testing.assert_close(grads_triton[name], grad, atol=1e-5, rtol=1e-4, msg=name)
