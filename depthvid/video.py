@@ -9,9 +9,7 @@ leaves a half-written file.
 from __future__ import annotations
 
 import numbers
-import os
 import re
-import shutil
 from fractions import Fraction
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from depthvid.errors import UserError
+from depthvid.fileutil import atomic_path
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mov", ".mkv", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -429,9 +428,9 @@ def _write_gif(frames: np.ndarray, path: Path, fps: float) -> None:
 
 
 def _write_png_folder(frames: np.ndarray, folder: Path) -> None:
+    """frame_0000.png, frame_0001.png, ... into the existing (empty) ``folder``."""
     from PIL import Image
 
-    folder.mkdir()
     for i, array in enumerate(frames):
         Image.fromarray(array).save(folder / f"frame_{i:04d}.png")
 
@@ -451,7 +450,7 @@ def write_video(frames, path, fps: float = 8) -> Path:
             consecutive identical frames once with their durations summed, so such a gif reads
             back with fewer frames but plays the same).
 
-    The file is written beside the target under a temporary name, then moved into place.
+    The output is written beside the target under a temporary name, then moved into place.
     Returns the path written.
     """
     array = to_uint8_frames(frames)
@@ -474,46 +473,18 @@ def write_video(frames, path, fps: float = 8) -> Path:
             f"output {str(path)!r}: folder exists and holds other files: choose a new folder"
         )
 
-    temp = path.parent / f".{path.stem}.partial-{os.getpid()}{suffix if not is_folder else ''}"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove(temp)  # left over by a crashed run that had the same process id
-        if suffix == ".mp4":
-            _write_mp4(array, temp, fps)
-        elif suffix == ".gif":
-            _write_gif(array, temp, fps)
-        else:
-            _write_png_folder(array, temp)
-        _move_into_place(temp, path)
+        with atomic_path(path, directory=is_folder) as temp:
+            if suffix == ".mp4":
+                _write_mp4(array, temp, fps)
+            elif suffix == ".gif":
+                _write_gif(array, temp, fps)
+            else:
+                _write_png_folder(array, temp)
     except OSError as err:
-        _remove(temp)
         raise UserError(f"output {str(path)!r}: cannot write ({err.strerror or err}): "
                         "choose a writable location") from err
-    except BaseException:
-        _remove(temp)
-        raise
     return path
-
-
-def _move_into_place(temp: Path, path: Path) -> None:
-    if temp.is_dir() and path.is_dir() and any(path.iterdir()):
-        # os.replace cannot overwrite a non-empty folder: swap the old one aside first.
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        os.replace(path, old)
-        os.replace(temp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(temp, path)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()
-
-
-# -- side-by-side ---------------------------------------------------------------------------------
 
 
 def _label_mask(text: str, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -131,7 +131,7 @@ def test_interrupted_write_leaves_no_partial_output(tmp_path, monkeypatch, suffi
     before = sorted(p.name for p in tmp_path.iterdir())
 
     def crash(frames, path, *args):
-        path.mkdir() if not suffix else path.write_bytes(b"half a file")
+        (path / "frame_0000.png" if not suffix else path).write_bytes(b"half a file")
         raise KeyboardInterrupt
 
     writer = {".gif": "_write_gif", ".mp4": "_write_mp4", "": "_write_png_folder"}[suffix]

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import depthvid
 from depthvid.errors import UserError
+from depthvid.fileutil import atomic_path, write_json
 from depthvid.models.video_unet import VideoUNet, trainable_parameters
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -29,18 +28,6 @@ def config_hash(config) -> str:
     public = {key: value for key, value in dict(config).items() if not key.startswith("_")}
     text = json.dumps(public, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Call ``write(temp_path)`` on a temp file in ``path``'s folder, then rename it onto ``path``."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
 
 
 def save_adapter(video_unet: VideoUNet, directory, base_model: str, dtype: torch.dtype = torch.float16) -> Path:
@@ -71,8 +58,9 @@ def save_adapter(video_unet: VideoUNet, directory, base_model: str, dtype: torch
         "num_parameters": sum(t.numel() for t in tensors.values()),
         "dtype": dtype_name,
     }
-    _write_atomically(directory / WEIGHTS_NAME, lambda temp: save_file(tensors, temp))
-    _write_atomically(directory / META_NAME, lambda temp: Path(temp).write_text(json.dumps(meta, indent=2) + "\n"))
+    with atomic_path(directory / WEIGHTS_NAME) as temp:
+        save_file(tensors, str(temp))
+    write_json(directory / META_NAME, meta)
     return directory
 
 
