@@ -13,6 +13,9 @@ import pathlib
 import torch
 import torch.nn.functional as F
 
+from depthvid.fileutil import write_json
+from depthvid.loading import quiet_loading
+
 PIPELINE_COMPONENTS = (
     "unet",
     "vae",
@@ -213,56 +216,58 @@ def save_tiny_pipeline(path, seed: int = 0) -> pathlib.Path:
     ``StableDiffusionDepth2ImgPipeline.from_pretrained(path)``; 64x64 images give 8x8 latents.
     The weights depend only on ``seed`` (the caller's RNG state is left alone). Returns the folder.
     """
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionDepth2ImgPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTokenizer,
-        DPTConfig,
-        DPTForDepthEstimation,
-        DPTImageProcessor,
-    )
-
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**tiny_unet_config())
-        vae = AutoencoderKL(**tiny_vae_config())
-        text_encoder = CLIPTextModel(CLIPTextConfig(**_tiny_text_config()))
-        dpt = DPTForDepthEstimation(DPTConfig(**tiny_dpt_config()))
-        depth_estimator = _tiny_depth_estimator(dpt)
-    tokenizer = CLIPTokenizer.from_pretrained(save_tiny_tokenizer(path / "tokenizer"))
-    feature_extractor = DPTImageProcessor(
-        do_resize=True,
-        size={"height": 32, "width": 32},
-        keep_aspect_ratio=False,
-        do_rescale=True,
-        do_normalize=True,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
-    pipeline = StableDiffusionDepth2ImgPipeline(
-        vae=vae,
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**SD2_SCHEDULER_CONFIG),
-        depth_estimator=depth_estimator,
-        feature_extractor=feature_extractor,
-    )
-    pipeline.save_pretrained(path, safe_serialization=True)
+    # quietly: no "Writing model shards" bars, and (from the import itself) no notice that
+    # DPTImageProcessor falls back to its Pil version without torchvision
+    with quiet_loading():
+        from diffusers import (
+            AutoencoderKL,
+            DDIMScheduler,
+            StableDiffusionDepth2ImgPipeline,
+            UNet2DConditionModel,
+        )
+        from transformers import (
+            CLIPTextConfig,
+            CLIPTextModel,
+            CLIPTokenizer,
+            DPTConfig,
+            DPTForDepthEstimation,
+            DPTImageProcessor,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet = UNet2DConditionModel(**tiny_unet_config())
+            vae = AutoencoderKL(**tiny_vae_config())
+            text_encoder = CLIPTextModel(CLIPTextConfig(**_tiny_text_config()))
+            dpt = DPTForDepthEstimation(DPTConfig(**tiny_dpt_config()))
+            depth_estimator = _tiny_depth_estimator(dpt)
+        tokenizer = CLIPTokenizer.from_pretrained(save_tiny_tokenizer(path / "tokenizer"))
+        feature_extractor = DPTImageProcessor(
+            do_resize=True,
+            size={"height": 32, "width": 32},
+            keep_aspect_ratio=False,
+            do_rescale=True,
+            do_normalize=True,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        )
+        pipeline = StableDiffusionDepth2ImgPipeline(
+            vae=vae,
+            text_encoder=text_encoder.eval(),
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=DDIMScheduler(**SD2_SCHEDULER_CONFIG),
+            depth_estimator=depth_estimator,
+            feature_extractor=feature_extractor,
+        )
+        pipeline.save_pretrained(path, safe_serialization=True)
 
     # Without torchvision transformers hands out DPTImageProcessorPil; record the portable name.
     index_file = path / "model_index.json"
     index = json.loads(index_file.read_text())
     index["feature_extractor"] = ["transformers", "DPTImageProcessor"]
-    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    write_json(index_file, index)
     return path
 
 
