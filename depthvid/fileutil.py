@@ -38,6 +38,8 @@ def atomic_path(path: str | os.PathLike, directory: bool = False):
         tmp = Path(name)
     try:
         yield tmp
+        # mkstemp/mkdtemp create private (0600/0700) entries: give the result the usual permissions
+        tmp.chmod((0o777 if directory else 0o666) & ~_umask())
         if directory and path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -52,6 +54,12 @@ def atomic_path(path: str | os.PathLike, directory: bool = False):
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, data) -> None:
