@@ -6,10 +6,12 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from depthvid.errors import UserError
 from depthvid.models import (
+    FusedResnetBlock2D,
     PerFrameAttnProcessor,
     PseudoConv3d,
     SparseCausalAttnProcessor,
@@ -178,6 +180,11 @@ def test_swapped_modules(name):
     blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
     self_attn1 = {id(b.attn1) for b in blocks if not b.only_cross_attention}
     attentions_before = count(unet, Attention)
+    resnets = [m for m in unet.modules() if isinstance(m, ResnetBlock2D)]
+    plain_resnets = {  # GroupNorm -> SiLU -> conv halves, temb added (not scale-shift), no resampling
+        id(m) for m in resnets if m.time_embedding_norm == "default" and m.upsample is None and m.downsample is None
+    }
+    state_dict_names = set(unet.state_dict())
 
     video_unet = inflate_unet(unet)
     pseudo = [m for m in video_unet.modules() if isinstance(m, PseudoConv3d)]
@@ -185,6 +192,10 @@ def test_swapped_modules(name):
     assert {id(m.weight) for m in pseudo} == conv_3x3_weights  # the same Parameters, not copies
     assert {id(m.weight) for m in video_unet.modules() if type(m) is nn.Conv2d} == conv_1x1_weights
     assert isinstance(video_unet.unet.conv_in, nn.Conv2d)
+    assert {id(m) for m in video_unet.modules() if isinstance(m, FusedResnetBlock2D)} == plain_resnets
+    assert count(video_unet, ResnetBlock2D) == len(resnets)
+    resnet_names = {name for name in state_dict_names if ".resnets." in name}  # kept by the fused class
+    assert resnet_names and resnet_names <= {name.removeprefix("unet.") for name in video_unet.state_dict()}
 
     assert count(video_unet, VideoTransformerBlock) == len(blocks) > 0
     assert count(video_unet, Attention) == attentions_before + len(blocks)  # one attn_temp per block
@@ -362,3 +373,39 @@ def test_triton_backend_gives_the_torch_output_and_gradients_on_the_tiny_pipelin
     assert grads_triton.keys() == grads_torch.keys() and len(grads_torch) > 0
     for name, grad in grads_torch.items():
         torch.testing.assert_close(grads_triton[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shortcut", [False, True], ids=["identity-shortcut", "conv-shortcut"])
+def test_fused_resnet_block_equals_the_stock_block(backend, shortcut):
+    """Output and every gradient (input, temb, all weights) match diffusers' own forward."""
+    from depthvid.ops import use_backend
+
+    torch.manual_seed(0)
+    stock = ResnetBlock2D(in_channels=8, out_channels=12 if shortcut else 8, temb_channels=6, groups=4,
+                          output_scale_factor=2.0 if shortcut else 1.0).train()
+    with torch.no_grad():  # GroupNorm starts at weight 1, bias 0: make the affine part count
+        for norm in (stock.norm1, stock.norm2):
+            norm.weight.normal_(1.0, 0.3)
+            norm.bias.normal_(0.0, 0.3)
+    fused = copy.deepcopy(stock)
+    for name in ("conv1", "conv2"):
+        setattr(fused, name, PseudoConv3d.from_conv2d(getattr(fused, name)))
+    fused.__class__ = FusedResnetBlock2D
+    x, temb = torch.randn(6, 8, 5, 7), torch.randn(6, 6)  # 6 = batch*frames; ragged 5x7 frames
+    results = []
+    for block, block_backend in ((stock, "torch"), (fused, backend)):
+        inputs = [x.clone().requires_grad_(), temb.clone().requires_grad_()]
+        with use_backend(block_backend):
+            out = block(*inputs)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads = {name: p.grad for name, p in block.named_parameters()}
+        results.append((out.detach(), inputs[0].grad, inputs[1].grad, grads))
+    (out, dx, dtemb, grads), (out_fused, dx_fused, dtemb_fused, grads_fused) = results
+    assert out.shape == (6, 12 if shortcut else 8, 5, 7)
+    torch.testing.assert_close(out_fused, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx_fused, dx, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dtemb_fused, dtemb, atol=1e-5, rtol=1e-5)
+    assert grads_fused.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_fused[name], grad, atol=1e-5, rtol=1e-5, msg=name)

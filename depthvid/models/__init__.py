@@ -7,6 +7,7 @@ from depthvid.models.attention import (
     VideoTransformerBlock,
 )
 from depthvid.models.video_unet import (
+    FusedResnetBlock2D,
     PseudoConv3d,
     VideoUNet,
     inflate_unet,
@@ -16,6 +17,7 @@ from depthvid.models.video_unet import (
 )
 
 __all__ = [
+    "FusedResnetBlock2D",
     "PerFrameAttnProcessor",
     "PseudoConv3d",
     "SparseCausalAttnProcessor",

@@ -9,20 +9,29 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from depthvid.errors import UserError
 from depthvid.models.attention import PerFrameAttnProcessor, SparseCausalAttnProcessor, VideoTransformerBlock
-from depthvid.ops import pseudo3d_conv
+from depthvid.ops import GroupNormSiLU, pseudo3d_conv
 from depthvid.ops.pseudo3d_conv import fold_frames, unfold_frames
+
+
+def as_video(x: torch.Tensor) -> torch.Tensor:
+    """(B*F, C, H, W) -> (1, C, B*F, H, W): a view, no copy; the ops read it through its strides.
+
+    A 1x3x3 conv and per-frame GroupNorm never mix frames, so the folded batch can be passed as
+    one video of B*F frames and no frame count is needed.
+    """
+    return x.transpose(0, 1).unsqueeze(0)
 
 
 class PseudoConv3d(nn.Conv2d):
     """A 3x3 ``nn.Conv2d`` run as a 1x3x3 video conv through :func:`depthvid.ops.pseudo3d_conv`.
 
     Shares its ``weight``/``bias`` Parameters with the conv it replaces and stays an
-    ``nn.Conv2d`` for diffusers code that checks the type. Frames never mix in a 1x3x3 conv, so
-    it needs no frame count: the folded batch is passed as one video of B*F frames.
+    ``nn.Conv2d`` for diffusers code that checks the type.
     x: (batch*frames, C_in, H, W) -> (batch*frames, C_out, H_out, W_out).
     """
 
@@ -41,11 +50,55 @@ class PseudoConv3d(nn.Conv2d):
         new.bias = conv.bias
         return new
 
+    def video_conv(self, video: torch.Tensor, **fused) -> torch.Tensor:
+        """The conv on a (B, C, F, H, W) video, with pseudo3d_conv's fused extras."""
+        return pseudo3d_conv(video, self.weight, self.bias, self.stride[0], self.padding[0], backend=None, **fused)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B*F, C, H, W) -> (1, C, B*F, H, W): a view, no copy; the ops read it through its strides
-        video = x.transpose(0, 1).unsqueeze(0)
-        out = pseudo3d_conv(video, self.weight, self.bias, self.stride[0], self.padding[0], backend=None)
-        return out[0].transpose(0, 1)  # (1, C_out, B*F, H', W') -> (B*F, C_out, H', W')
+        return self.video_conv(as_video(x))[0].transpose(0, 1)  # (1, C_out, B*F, H', W') -> (B*F, ...)
+
+
+class FusedResnetBlock2D(ResnetBlock2D):
+    """diffusers' ``ResnetBlock2D`` with each half as one fused :func:`depthvid.ops.pseudo3d_conv`.
+
+    ``norm1 -> SiLU -> conv1 -> + time embedding`` and ``norm2 -> SiLU -> conv2 -> + shortcut ->
+    / output_scale_factor`` become two calls with a GroupNorm+SiLU prologue and a temb / residual
+    epilogue: the same math, but the Triton backend never writes the normalised activations to
+    memory nor keeps them for backward. Only ``forward`` differs from the stock block, so
+    :func:`inflate_unet` switches a block's class in place: same Parameters, same state-dict names.
+    """
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
+        if self.training and self.dropout.p > 0:  # dropout sits between norm2 and conv2
+            return super().forward(input_tensor, temb)
+        time_bias = None
+        if self.time_emb_proj is not None and temb is not None:
+            if not self.skip_time_act:
+                temb = self.nonlinearity(temb)
+            time_bias = self.time_emb_proj(temb).unsqueeze(0)  # (B*F, C_out) -> (1, B*F, C_out)
+        hidden = self.conv1.video_conv(as_video(input_tensor), norm=_group_norm_silu(self.norm1), temb=time_bias)
+        shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
+        out = self.conv2.video_conv(
+            hidden, norm=_group_norm_silu(self.norm2), residual=as_video(shortcut), output_scale=self.output_scale_factor
+        )
+        return out[0].transpose(0, 1)
+
+
+def _group_norm_silu(norm: nn.GroupNorm) -> GroupNormSiLU:
+    return GroupNormSiLU(norm.num_groups, norm.weight, norm.bias, norm.eps)
+
+
+def can_fuse(module: nn.Module) -> bool:
+    """True for a stock ``ResnetBlock2D`` whose halves are GroupNorm -> SiLU -> PseudoConv3d."""
+    return (
+        type(module) is ResnetBlock2D
+        and module.time_embedding_norm == "default"
+        and module.upsample is None
+        and module.downsample is None
+        and isinstance(module.nonlinearity, nn.SiLU)
+        and all(type(norm) is nn.GroupNorm and norm.affine for norm in (module.norm1, module.norm2))
+        and all(isinstance(conv, PseudoConv3d) for conv in (module.conv1, module.conv2))
+    )
 
 
 def is_pseudo3d_candidate(module: nn.Module) -> bool:
@@ -176,7 +229,8 @@ def inflate_unet(
         temporal: every ``BasicTransformerBlock`` becomes a :class:`VideoTransformerBlock`,
             adding a temporal attention whose output projection starts at zero.
         pseudo3d: every plain 3x3 ``nn.Conv2d`` (resnets, samplers, conv_in, conv_out) becomes a
-            :class:`PseudoConv3d` sharing its weights; 1x1 convs are untouched.
+            :class:`PseudoConv3d` sharing its weights; 1x1 convs are untouched. Stock
+            ``ResnetBlock2D``s then run as :class:`FusedResnetBlock2D` (same math, fused ops).
 
     Every other attention (cross attention included) gets a :class:`PerFrameAttnProcessor`
     around its stock processor, so the ``num_frames`` that ``VideoUNet`` passes is accepted.
@@ -211,6 +265,9 @@ def inflate_unet(
         _swap_modules(unet, lambda m: isinstance(m, BasicTransformerBlock), VideoTransformerBlock)
     if pseudo3d:
         _swap_modules(unet, is_pseudo3d_candidate, PseudoConv3d.from_conv2d)
+        for module in unet.modules():
+            if can_fuse(module):
+                module.__class__ = FusedResnetBlock2D  # only forward differs: same Parameters and names
     return VideoUNet(unet, {"sparse_causal": sparse_causal, "temporal": temporal, "pseudo3d": pseudo3d})
 
 
