@@ -73,11 +73,11 @@ def load_base_model(model: str = DEFAULT_MODEL, device: str | torch.device = "cp
 
     The depth estimator always runs in float32 (DPT-Hybrid's batch norm misbehaves in fp16).
     """
-    from diffusers import StableDiffusionDepth2ImgPipeline
-
     check_model_folder(model)
     try:
-        with quiet_loading():
+        with quiet_loading():  # the import too: without torchvision it notes DPTImageProcessor's Pil fallback
+            from diffusers import StableDiffusionDepth2ImgPipeline
+
             pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(model, dtype=dtype)
     except (OSError, ValueError, KeyError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

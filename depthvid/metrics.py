@@ -17,13 +17,13 @@ frames in [0, 1], so no 8-bit rounding happens on the way.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from depthvid.errors import UserError
+from depthvid.loading import quiet_loading
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 DEFAULT_DEPTH_MODEL = "stabilityai/stable-diffusion-2-depth"
@@ -75,21 +75,6 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Silence transformers' load-time chatter (progress bars, backend notes) for one call."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
-
-
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
@@ -102,7 +87,7 @@ def load_clip(model_id_or_path: str = DEFAULT_CLIP_MODEL, device: str | torch.de
     ``UserError`` naming the model.
     """
     try:
-        with _quiet_transformers():
+        with quiet_loading():
             from transformers import CLIPModel, CLIPProcessor
 
             model = CLIPModel.from_pretrained(model_id_or_path)
@@ -121,7 +106,7 @@ def load_depth_model(model_id_or_path: str = DEFAULT_DEPTH_MODEL, device: str | 
     """Load ``(DPTForDepthEstimation, DPTImageProcessor)`` from the ``depth_estimator`` and
     ``feature_extractor`` subfolders of an SD2-depth-layout pipeline (hub id or folder), fp32, eval."""
     try:
-        with _quiet_transformers():
+        with quiet_loading():
             # without torchvision, importing DPTImageProcessor warns that it falls back to Pillow
             from transformers import DPTForDepthEstimation, DPTImageProcessor
 
