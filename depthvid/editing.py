@@ -157,6 +157,12 @@ def edit(
     check_writable(out, "-o")
     device = pick_device(device)
     dtype = autocast_dtype(precision, device)
+    if evaluate:  # loaded first: a bad --clip-model fails before any compute, with nothing written
+        from depthvid.evaluate import evaluate_edit, load_models
+        from depthvid.metrics import EvalOptions
+
+        eval_options = EvalOptions(depth_model=config.model, **({"clip_model": clip_model} if clip_model else {}))
+        eval_models = load_models(eval_options, with_depth=True)
 
     # -- source: the cached clip, or a new frame count read from the video
     cache = load_file(str(run_dir / CACHE_FILE))
@@ -207,11 +213,8 @@ def edit(
     write_video(grid, side_by_side, fps=fps)
     result = EditResult(outputs=outputs, side_by_side=side_by_side, inversion_cached=inversion_cached)
     if evaluate:
-        from depthvid.evaluate import evaluate_edit, load_models
-        from depthvid.metrics import EvalOptions
-
-        options = EvalOptions(depth_model=config.model, **({"clip_model": clip_model} if clip_model else {}))
-        models = load_models(options, with_depth=True)
-        result.metrics = [evaluate_edit(str(path), prompt, options=options, source_frames=source_frames, models=models)
-                          for path, prompt in zip(outputs, prompts)]
+        result.metrics = [
+            evaluate_edit(str(path), prompt, options=eval_options, source_frames=source_frames, models=eval_models)
+            for path, prompt in zip(outputs, prompts)
+        ]
     return result

@@ -74,6 +74,34 @@ def test_edit_writes_one_video_per_prompt_and_a_side_by_side(tuned_run, tmp_path
     assert "side-by-side" in capsys.readouterr().out
 
 
+def test_edit_with_eval_scores_each_output_against_the_source(tuned_run, tiny_pipeline_dir, tiny_clip_dir, tmp_path, capsys):
+    from depthvid.evaluate import evaluate_edit
+    from depthvid.metrics import EvalOptions
+
+    prompts = ["a glass marble", "a red planet"]
+    result = editing.edit(tuned_run, prompts, tmp_path / "edit.gif", steps=2, evaluate=True,
+                          clip_model=str(tiny_clip_dir), progress=False)
+    assert [metrics["prompt"] for metrics in result.metrics] == prompts
+    source = load_file(str(tuned_run / tuning.CACHE_FILE))["frames"].float() / 255
+    options = EvalOptions(clip_model=str(tiny_clip_dir), depth_model=str(tiny_pipeline_dir))
+    for path, prompt, metrics in zip(result.outputs, prompts, result.metrics):
+        direct = evaluate_edit(str(path), prompt, options=options, source_frames=source)
+        for name in ("frame_consistency", "textual_alignment", "depth_rmse", "depth_abs_rel", "depth_pearson"):
+            assert metrics[name] is not None and metrics[name] == pytest.approx(direct[name], abs=1e-6), name
+
+    assert main(["edit", str(tuned_run), "--prompt", prompts[0], "-o", str(tmp_path / "cli.gif"), "--steps", "2",
+                 "--quiet", "--eval", "--clip-model", str(tiny_clip_dir)]) == 0
+    assert "frame consistency (x100)" in capsys.readouterr().out
+
+
+def test_edit_with_eval_and_a_missing_clip_model_fails_before_editing(tuned_run, tmp_path, capsys, monkeypatch):
+    calls = count_unet_calls(monkeypatch)
+    missing = str(tmp_path / "no-clip")
+    assert_user_error(capsys, ["edit", str(tuned_run), "--prompt", "a", "-o", str(tmp_path / "o.mp4"), "--eval",
+                               "--clip-model", missing], missing)
+    assert calls == [] and list(tmp_path.iterdir()) == []
+
+
 def test_edit_to_gif_and_frame_folder_with_more_frames_than_tuned(tuned_run, tmp_path):
     assert main(["edit", str(tuned_run), "--prompt", "a marble", "-o", str(tmp_path / "a.gif"),
                  "--steps", "2", "--quiet"]) == 0
