@@ -82,6 +82,12 @@ def _dot(a, b, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _tile(ptr, row, head, offs_tokens, offs_d, stride_b, stride_h, stride_n, stride_d):
+    """Pointers to the (tokens, head dim) tile of one row (b*F + f) and head of a (B*F, H, N, D) tensor."""
+    return ptr + row * stride_b + head * stride_h + offs_tokens[:, None] * stride_n + offs_d[None, :] * stride_d
+
+
+@triton.jit
 def _fwd_key_frame(
     acc, m_i, l_i, q,
     k_frame_ptr, v_frame_ptr,  # k, v of one (key frame, head): (N, D) at strides (stride_*n, stride_*d)
@@ -140,10 +146,8 @@ def _sparse_causal_attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     row_mask = offs_m < n_tokens
-    q = tl.load(
-        q_ptr + row * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-        mask=row_mask[:, None] & d_mask[None, :], other=0.0,
-    )
+    q = tl.load(_tile(q_ptr, row, head, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd),
+                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
 
     # fp32 accumulators whatever the input dtype
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -168,7 +172,7 @@ def _sparse_causal_attn_fwd_kernel(
 
     # -- epilogue: normalise, store o in the input dtype and the natural-log LSE --
     acc = acc / l_i[:, None]
-    o_ptrs = o_ptr + row * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    o_ptrs = _tile(o_ptr, row, head, offs_m, offs_d, stride_ob, stride_oh, stride_on, stride_od)
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
     lse = (m_i + tl.math.log2(l_i)) / LOG2E  # log2 units -> natural log
     tl.store(lse_ptr + (row * n_heads + head) * n_tokens + offs_m, lse, mask=row_mask)
@@ -235,18 +239,12 @@ def _sparse_causal_attn_bwd_dq_kernel(
     d_mask = offs_d < HEAD_DIM
     row_mask = offs_m < n_tokens
     qd_mask = row_mask[:, None] & d_mask[None, :]
-    q = tl.load(
-        q_ptr + row * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-        mask=qd_mask, other=0.0,
-    )
-    do = tl.load(
-        do_ptr + row * stride_dob + head * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-        mask=qd_mask, other=0.0,
-    )
-    o = tl.load(
-        o_ptr + row * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-        mask=qd_mask, other=0.0,
-    )
+    q = tl.load(_tile(q_ptr, row, head, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd),
+                mask=qd_mask, other=0.0)
+    do = tl.load(_tile(do_ptr, row, head, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod),
+                 mask=qd_mask, other=0.0)
+    o = tl.load(_tile(o_ptr, row, head, offs_m, offs_d, stride_ob, stride_oh, stride_on, stride_od),
+                mask=qd_mask, other=0.0)
 
     # -- preprocess: delta = rowsum(dO * O), kept for the dK/dV kernel --
     stat_offs = (row * n_heads + head) * n_tokens + offs_m
@@ -270,8 +268,7 @@ def _sparse_causal_attn_bwd_dq_kernel(
         )
 
     # S = scale * Q K^T, so dQ = scale * dS K
-    dq_ptrs = (dq_ptr + row * stride_dqb + head * stride_dqh
-               + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd)
+    dq_ptrs = _tile(dq_ptr, row, head, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd)
     tl.store(dq_ptrs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
 
 
@@ -341,14 +338,10 @@ def _sparse_causal_attn_bwd_dkdv_kernel(
     d_mask = offs_d < HEAD_DIM
     col_mask = offs_n < n_tokens
     kd_mask = col_mask[:, None] & d_mask[None, :]
-    k = tl.load(
-        k_ptr + key_row * stride_kb + head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-        mask=kd_mask, other=0.0,
-    )
-    v = tl.load(
-        v_ptr + key_row * stride_vb + head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-        mask=kd_mask, other=0.0,
-    )
+    k = tl.load(_tile(k_ptr, key_row, head, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd),
+                mask=kd_mask, other=0.0)
+    v = tl.load(_tile(v_ptr, key_row, head, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd),
+                mask=kd_mask, other=0.0)
 
     # query frames that read key frame j: all of 0..F-1 for j = 0, else only j+1 (none if j = F-1)
     query_lo = tl.where(key_frame == 0, 0, key_frame + 1)
@@ -368,10 +361,8 @@ def _sparse_causal_attn_bwd_dkdv_kernel(
         )
 
     # -- epilogue: S = scale * Q K^T, so dK = scale * dS^T Q; dV = P^T dO needs no scale --
-    dk_ptrs = (dk_ptr + key_row * stride_dkb + head * stride_dkh
-               + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
-    dv_ptrs = (dv_ptr + key_row * stride_dvb + head * stride_dvh
-               + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd)
+    dk_ptrs = _tile(dk_ptr, key_row, head, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkn, stride_dkd)
+    dv_ptrs = _tile(dv_ptr, key_row, head, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn, stride_dvd)
     tl.store(dk_ptrs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kd_mask)
     tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=kd_mask)
 
