@@ -33,6 +33,11 @@ class CompileJob:
     unit_args: tuple = ()  # integer arguments always 1 (contiguous strides): the JIT makes them constexpr
 
 
+def head_dim_strides(kernel) -> tuple:
+    """The attention kernels' ``stride_*d`` arguments: 1 for tensors whose head dim is contiguous."""
+    return tuple(name for name in kernel.arg_names if name.startswith("stride_") and name.endswith("d"))
+
+
 def compile_job(job: CompileJob) -> dict:
     """{"shared": bytes, "cubin_bytes": n} or {"error": message}. Must run without TRITON_INTERPRET."""
     import triton

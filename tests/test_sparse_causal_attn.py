@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _gpu_compile import SHARED_MEMORY_LIMITS, CompileJob, assert_fits_the_gpu, compile_jobs
+from _gpu_compile import SHARED_MEMORY_LIMITS, CompileJob, assert_fits_the_gpu, compile_jobs, head_dim_strides
 
 from depthvid.errors import UserError
 from depthvid.kernels import sparse_causal_attn as sca
@@ -191,7 +191,7 @@ def every_compile_job():
                     module=sca.__name__, kernel=kernel.fn.__name__, dtype=str(config.dtype).removeprefix("torch."),
                     constexprs=constexprs, options=dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
                     arch=arch, fp32_pointers=("lse_ptr", "delta_ptr"), float_args=("scale", "qk_scale"),
-                    unit_args=tuple(name for name in kernel.arg_names if name.startswith("stride_") and name.endswith("d")),
+                    unit_args=head_dim_strides(kernel),
                 ))
     return jobs
 

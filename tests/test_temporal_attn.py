@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _gpu_compile import SHARED_MEMORY_LIMITS, CompileJob, assert_fits_the_gpu, compile_jobs
+from _gpu_compile import SHARED_MEMORY_LIMITS, CompileJob, assert_fits_the_gpu, compile_jobs, head_dim_strides
 
 from depthvid.errors import UserError
 from depthvid.kernels import temporal_attn as kernel_module
@@ -164,7 +164,7 @@ def every_compile_job():
                         module=kernel_module.__name__, kernel=kernel.fn.__name__, dtype=dtype,
                         constexprs=config.constexprs, options={"num_warps": config.num_warps}, arch=arch,
                         fp32_pointers=("lse_ptr",), float_args=("scale", "qk_scale"),
-                        unit_args=tuple(n for n in kernel.arg_names if n.startswith("stride_") and n.endswith("d")),
+                        unit_args=head_dim_strides(kernel),
                     ))
     return jobs
 
