@@ -77,7 +77,7 @@ class MaterialisedTemporal(TemporalAttnProcessor):
 
 
 def build(variant: str):
-    """(one tuning step as a no-argument callable, the model) for ``variant``, seeded."""
+    """One tuning step of ``variant``'s freshly built, seeded model, as a no-argument callable."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -108,7 +108,7 @@ def build(variant: str):
         loss.backward()
         return loss.item()
 
-    return step, video_unet
+    return step
 
 
 def peak_rss_bytes() -> int:
@@ -137,7 +137,7 @@ def step_times():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_tuning_step_speed(benchmark, variant, step_times):
-    step, _ = build(variant)
+    step = build(variant)
     loss = benchmark.pedantic(step, rounds=3, warmup_rounds=1)
     assert torch.isfinite(torch.tensor(loss))
     step_times[variant] = benchmark.stats.stats.mean
@@ -158,7 +158,7 @@ def test_tuning_step_peak_memory(benchmark):
 
 
 if __name__ == "__main__":
-    step, _ = build(sys.argv[1])
+    step = build(sys.argv[1])
     baseline = peak_rss_bytes()  # the built model (and its 2D weights)
     started = time.perf_counter()
     step()
