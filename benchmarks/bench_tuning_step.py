@@ -30,22 +30,15 @@ import pytest
 import torch
 
 from depthvid.models import SparseCausalAttnProcessor, TemporalAttnProcessor, inflate_unet, mark_trainable
-from depthvid.testing import SD2_SCHEDULER_CONFIG
+from depthvid.testing import SD2_DEPTH_UNET_CONFIG, SD2_SCHEDULER_CONFIG
 from depthvid.tuning import training_loss
 
 FRAMES, LATENT_SIZE, TEXT_TOKENS, TEXT_DIM = 8, 32, 77, 1024  # 8 frames of 256x256
-QUARTER_WIDTH_SD2_DEPTH = dict(  # SD2-depth's UNet (DESIGN.md) at 1/4 of its channels
+QUARTER_WIDTH_SD2_DEPTH = dict(  # SD2-depth's UNet at 1/4 of its channels
+    SD2_DEPTH_UNET_CONFIG,
     sample_size=LATENT_SIZE,
-    in_channels=5,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(80, 160, 320, 320),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=TEXT_DIM,
-    attention_head_dim=(5, 10, 20, 20),  # heads per level, as in SD2: 16-dim heads at this width
-    use_linear_projection=True,
-    norm_num_groups=16,  # 32 groups do not divide 80 channels
+    block_out_channels=tuple(channels // 4 for channels in SD2_DEPTH_UNET_CONFIG["block_out_channels"]),
+    norm_num_groups=16,  # 32 groups do not divide 80 channels; heads stay (5, 10, 20, 20): 16-dim at this width
 )
 VARIANTS = ("materialised", "depthvid", "depthvid-bf16")  # the reference first: the others report ratios to it
 

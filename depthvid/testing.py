@@ -196,6 +196,20 @@ def _tiny_depth_estimator(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
+# stabilityai/stable-diffusion-2-depth's UNet (DESIGN.md): for meta-device and benchmark models
+SD2_DEPTH_UNET_CONFIG = dict(
+    sample_size=64,
+    in_channels=5,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=1024,
+    attention_head_dim=(5, 10, 20, 20),
+    use_linear_projection=True,
+)
+
 SD2_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,

@@ -23,6 +23,7 @@ from depthvid.models import (
     trainable_parameters,
     trainable_state_dict,
 )
+from depthvid.testing import SD2_DEPTH_UNET_CONFIG
 
 TINY = dict(sample_size=8, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8)
 CONFIGS = {
@@ -62,19 +63,6 @@ CONFIGS = {
         resnet_time_scale_shift="scale_shift",
     ),
 }
-# stable-diffusion-2-depth's UNet (DESIGN.md)
-SD2_DEPTH_CONFIG = dict(
-    sample_size=64,
-    in_channels=5,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=1024,
-    attention_head_dim=(5, 10, 20, 20),
-    use_linear_projection=True,
-)
 
 
 def make_unet(name: str) -> UNet2DConditionModel:
@@ -312,7 +300,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 
 def test_full_sd2_depth_unet_inflates_on_the_meta_device():
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD2_DEPTH_CONFIG)
+        unet = UNet2DConditionModel(**SD2_DEPTH_UNET_CONFIG)
     total_2d = sum(p.numel() for p in unet.parameters())
     video_unet = inflate_unet(unet)
     total = sum(p.numel() for p in video_unet.parameters())
