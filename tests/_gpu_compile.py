@@ -63,9 +63,14 @@ def compile_job(job: CompileJob) -> dict:
     return {"shared": compiled.metadata.shared, "cubin_bytes": len(compiled.asm.get("cubin", b""))}
 
 
+def env_without_interpreter() -> dict:
+    """os.environ for a subprocess where @triton.jit compiles (conftest.py sets TRITON_INTERPRET=1)."""
+    return {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+
+
 def compile_jobs(jobs: list[CompileJob], workers: int = 2) -> list[dict]:
     """Results of :func:`compile_job` in job order, compiled by ``workers`` subprocesses."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env = env_without_interpreter()
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     shares = [jobs[start::workers] for start in range(workers)]
     processes = [

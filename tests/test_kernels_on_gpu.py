@@ -1,6 +1,5 @@
 """The kernels compiled on a CUDA device at SD-sized shapes (gpu_checks.py), and the same checks
 under the interpreter at tiny shapes."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +7,7 @@ from pathlib import Path
 import gpu_checks
 import pytest
 import torch
+from _gpu_compile import env_without_interpreter
 
 
 @pytest.mark.skipif(
@@ -15,10 +15,9 @@ import torch
     reason="needs a CUDA device; the same checks run under the interpreter in test_gpu_checks_under_the_interpreter",
 )
 def test_kernels_match_the_reference_on_the_gpu():
-    # conftest.py sets TRITON_INTERPRET=1 for this process: compiled kernels need a fresh one
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, str(Path(gpu_checks.__file__))], env=env, capture_output=True, text=True, timeout=3000
+        [sys.executable, str(Path(gpu_checks.__file__))], env=env_without_interpreter(),
+        capture_output=True, text=True, timeout=3000,
     )
     failures = [line for line in result.stdout.splitlines() if '"ok": false' in line]
     assert result.returncode == 0 and not failures, "\n".join(failures) or result.stderr[-4000:]
