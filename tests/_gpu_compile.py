@@ -22,7 +22,7 @@ TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 class CompileJob:
     """One kernel as its launcher would launch it on sm_<arch>."""
 
-    module: str  # e.g. "depthvid.kernels.sparse_causal_attn"
+    module: str  # e.g. "depthvid.triton_kernels.sparse_causal_attn"
     kernel: str  # name of the @triton.jit function in that module
     dtype: str  # element type of the tensors: "float16", "bfloat16" or "float32"
     constexprs: dict

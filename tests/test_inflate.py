@@ -332,7 +332,7 @@ def test_triton_backend_gives_the_torch_output_and_gradients_on_the_tiny_pipelin
 
     launches = {}
     for op in ("sparse_causal_attn", "temporal_attn", "pseudo3d_conv"):
-        module = importlib.import_module(f"depthvid.kernels.{op}")
+        module = importlib.import_module(f"depthvid.triton_kernels.{op}")
         launcher = getattr(module, f"{op}_triton")
 
         def counted(*args, _op=op, _launcher=launcher):

@@ -1,4 +1,4 @@
-"""Triton pseudo-3D conv (depthvid/kernels/pseudo3d_conv.py) against the torch reference.
+"""Triton pseudo-3D conv (depthvid/triton_kernels/pseudo3d_conv.py) against the torch reference.
 
 Runs the kernels on CPU tensors through TRITON_INTERPRET=1 (set in conftest.py), and compiles
 every launch configuration for sm_80 / sm_90 in subprocesses without the interpreter.
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from _gpu_compile import SHARED_MEMORY_LIMITS, CompileJob, assert_fits_the_gpu, compile_jobs
 
 from depthvid.errors import UserError
-from depthvid.kernels import pseudo3d_conv as kernels
+from depthvid.triton_kernels import pseudo3d_conv as kernels
 from depthvid.ops import GroupNormSiLU, pseudo3d_conv
 from depthvid.ops.pseudo3d_conv import fold_frames
 

@@ -10,7 +10,7 @@ import torch
 from _gpu_compile import SHARED_MEMORY_LIMITS, CompileJob, assert_fits_the_gpu, compile_jobs, head_dim_strides
 
 from depthvid.errors import UserError
-from depthvid.kernels import sparse_causal_attn as sca
+from depthvid.triton_kernels import sparse_causal_attn as sca
 from depthvid.ops import sparse_causal_attention
 
 # fp32 is compared with the torch backend directly: (atol, rtol).

@@ -7,7 +7,7 @@ import torch
 from _gpu_compile import SHARED_MEMORY_LIMITS, CompileJob, assert_fits_the_gpu, compile_jobs, head_dim_strides
 
 from depthvid.errors import UserError
-from depthvid.kernels import temporal_attn as kernel_module
+from depthvid.triton_kernels import temporal_attn as kernel_module
 from depthvid.ops import temporal_attention
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

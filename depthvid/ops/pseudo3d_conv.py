@@ -88,7 +88,7 @@ def pseudo3d_conv(
         )
     backend = resolve_backend(backend, x)
     if backend == "triton":
-        from depthvid.kernels.pseudo3d_conv import pseudo3d_conv_triton
+        from depthvid.triton_kernels.pseudo3d_conv import pseudo3d_conv_triton
 
         return pseudo3d_conv_triton(x, weight, bias, stride, padding, norm, temb, residual, output_scale)
     return pseudo3d_conv_torch(x, weight, bias, stride, padding, norm, temb, residual, output_scale)

@@ -61,7 +61,7 @@ def sparse_causal_attention(q, k, v, num_frames: int, scale: float | None = None
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = resolve_backend(backend, q)
     if backend == "triton":
-        from depthvid.kernels.sparse_causal_attn import sparse_causal_attn_triton
+        from depthvid.triton_kernels.sparse_causal_attn import sparse_causal_attn_triton
 
         return sparse_causal_attn_triton(q, k, v, num_frames, scale)
     return sparse_causal_attention_torch(q, k, v, num_frames, scale)

@@ -37,7 +37,7 @@ def temporal_attention(q, k, v, num_frames: int, scale: float | None = None, bac
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = resolve_backend(backend, q)
     if backend == "triton":
-        from depthvid.kernels.temporal_attn import temporal_attn_triton
+        from depthvid.triton_kernels.temporal_attn import temporal_attn_triton
 
         return temporal_attn_triton(q, k, v, num_frames, scale)
     return temporal_attention_torch(q, k, v, num_frames, scale)
