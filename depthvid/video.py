@@ -494,6 +494,17 @@ def check_fps(fps) -> None:
     check_number("--fps", fps, minimum=1, maximum=MAX_FPS, hint="8 is the default")
 
 
+def check_output_suffix(path, option: str = "output") -> None:
+    """Only .mp4 and .gif name files; a new folder of PNG frames has no suffix (out.avi is a typo,
+    not a folder name)."""
+    path = Path(path)
+    if path.suffix and path.suffix.lower() not in OUTPUT_SUFFIXES and not path.is_dir():
+        raise UserError(
+            f"{option} {str(path)!r}: cannot write {path.suffix} videos: end it with "
+            f"{' or '.join(OUTPUT_SUFFIXES)}, or give a folder name without a suffix for PNG frames"
+        )
+
+
 def check_video_output(path, option: str = "output") -> Path:
     """Raise ``UserError`` unless ``write_video`` can write ``path``: call it before the work that
     produces the frames. The suffix picks the format: .mp4, .gif, or none for a folder of PNGs."""
@@ -505,11 +516,7 @@ def check_video_output(path, option: str = "output") -> Path:
         )
     if not is_folder and path.is_dir():
         raise UserError(f"{option} {str(path)!r}: is a folder: choose a file name")
-    if is_folder and path.suffix and not path.is_dir():
-        raise UserError(
-            f"{option} {str(path)!r}: cannot write {path.suffix} videos: end it with "
-            f"{' or '.join(OUTPUT_SUFFIXES)}, or give a folder name without a suffix for PNG frames"
-        )
+    check_output_suffix(path, option)
     if is_folder and path.is_dir() and not _is_previous_output(path):
         raise UserError(
             f"{option} {str(path)!r}: folder exists and holds other files: choose a new folder"
