@@ -95,8 +95,12 @@ def read_run(run_dir: str | Path) -> tuple[TuneConfig, dict]:
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
         raise UserError(f"{str(run_dir)!r} is not a depthvid run (no {RUN_FILE}); create one with `depthvid tune`")
-    run = json.loads(path.read_text())
-    return TuneConfig.from_dict(run["config"]), run
+    try:
+        run = json.loads(path.read_text())
+        config = run["config"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise UserError(f"{str(path)!r} is damaged ({type(error).__name__}: {error}); tune the run again") from None
+    return TuneConfig.from_dict(config), run
 
 
 def prepare_cache(base, config: TuneConfig, frames: torch.Tensor) -> dict[str, torch.Tensor]:
