@@ -168,14 +168,15 @@ def edit(
     check_fps(fps)
     if frames is not None:
         check_number("--frames", frames, minimum=1, integer=True)
-        if frames != config.frames:  # new frames are read from the source clip: it must have them
-            source = video or config.video
-            if not Path(source).exists():
-                raise UserError(f"--frames {frames}: the source video {source!r} is gone; pass --video PATH")
-            sample_frame_indices(_count_frames(source, "--video"), frames, config.sample, config.start, config.stride)
-    for path, option in ((video, "--video"), (depth_video, "--depth")):
-        if path is not None:
-            _count_frames(path, option)
+    new_frames = frames is not None and frames != config.frames  # read from the source clip: it must have them
+    if video is not None or new_frames:
+        if video is None and not Path(config.video).exists():
+            raise UserError(f"--frames {frames}: the source video {config.video!r} is gone; pass --video PATH")
+        available = _count_frames(video or config.video, "--video")
+        if new_frames:
+            sample_frame_indices(available, frames, config.sample, config.start, config.stride)
+    if depth_video is not None:
+        _count_frames(depth_video, "--depth")
     check_output_suffix(out, "-o")
     outputs, side_by_side = output_paths(out, prompts)
     for path in (*outputs, side_by_side):

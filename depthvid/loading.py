@@ -94,6 +94,7 @@ def check_unet_weights(model: str) -> None:
     reshaped = [key for key in sorted(expected.keys() & found.keys()) if expected[key] != found[key]]
     if not (missing or unexpected or reshaped):
         return
+
     def some(keys: list[str]) -> str:
         return f"{len(keys)} ({', '.join(keys[:2])}{', ...' if len(keys) > 2 else ''})"
 
