@@ -51,7 +51,7 @@ def check_number(option: str, value, *, minimum=None, maximum=None, above=None, 
 # How allocators say they failed: torch.OutOfMemoryError (CUDA, MPS, XPU), the CPU allocator's
 # RuntimeError ("DefaultCPUAllocator: not enough memory"), numpy's MemoryError ("Unable to allocate")
 _ALLOCATION_FAILURE = re.compile(r"out of memory|not enough memory|unable to allocate|failed to allocate|"
-                                 r"cannot allocate memory", re.IGNORECASE)
+                                 r"(can't|cannot) allocate memory", re.IGNORECASE)
 _SIZE = re.compile(r"allocate\s+([\d.]+)\s*(bytes|[KMGT]i?B)\b", re.IGNORECASE)
 _UNITS = {"b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 

@@ -217,6 +217,12 @@ def test_out_of_memory_names_the_size(kind):
     assert ("GPU" if kind == "cuda" else "CPU") in str(error)
 
 
+def test_a_real_failed_allocation_is_out_of_memory():
+    with pytest.raises(RuntimeError) as failed:
+        torch.empty(2**50, dtype=torch.uint8)  # beyond the address space: refused at once, even with overcommit
+    assert "an allocation of 1024.0 TiB failed" in str(out_of_memory(failed.value, "x"))
+
+
 def test_other_runtime_errors_are_not_out_of_memory():
     assert out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), "x") is None
     assert out_of_memory(ValueError("not enough memory"), "x") is None
