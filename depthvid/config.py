@@ -47,10 +47,11 @@ class TuneConfig:
         if not self.prompt or not self.prompt.strip():
             raise UserError("--prompt: the caption of the source video is empty; describe the video")
         check_frame_size(self.height, self.width)
-        for name, minimum in (("frames", 1), ("start", 0), ("stride", 1), ("steps", 1), ("warmup_steps", 0),
-                              ("checkpoint_every", 1)):
-            check_number(f"--{name.replace('_', '-')}", getattr(self, name), minimum=minimum, integer=True)
-        check_number("--seed", self.seed, minimum=0, maximum=SEED_MAX, integer=True)
+        for name, minimum, hint in (("frames", 1, "the paper uses 8"), ("start", 0, "0 is the first frame"),
+                                    ("stride", 1, "1 takes consecutive frames"), ("steps", 1, "the paper uses 500"),
+                                    ("warmup_steps", 0, "0 turns warm-up off"), ("checkpoint_every", 1, "the default is 100")):
+            check_number(f"--{name.replace('_', '-')}", getattr(self, name), minimum=minimum, integer=True, hint=hint)
+        check_number("--seed", self.seed, minimum=0, maximum=SEED_MAX, integer=True, hint="e.g. 0")
         check_number("--lr", self.lr, above=0, maximum=1, hint="the paper uses 1e-5")
         check_number("--weight-decay", self.weight_decay, minimum=0, hint="the default is 0.01")
         check_number("--max-grad-norm", self.max_grad_norm, above=0, hint="the default is 1.0")

@@ -162,12 +162,12 @@ def edit(
     check_number("--steps", steps, minimum=1, integer=True, hint="50 is a good default")
     check_number("--guidance", guidance, minimum=0, maximum=MAX_GUIDANCE, hint="1 = no guidance; 7.5-12.5 is typical")
     check_number("--eta", eta, minimum=0, maximum=1, hint="0 is deterministic DDIM, 1 is DDPM-like")
-    check_number("--seed", seed, minimum=0, maximum=SEED_MAX, integer=True)
+    check_number("--seed", seed, minimum=0, maximum=SEED_MAX, integer=True, hint="e.g. 0")
     check_number("--depth-scale", depth_scale, hint="1 keeps the estimated depth")
     check_number("--depth-shift", depth_shift, hint="0 keeps the estimated depth")
     check_fps(fps)
     if frames is not None:
-        check_number("--frames", frames, minimum=1, integer=True)
+        check_number("--frames", frames, minimum=1, integer=True, hint="omit it for the tuned frames")
     new_frames = frames is not None and frames != config.frames  # read from the source clip: it must have them
     if video is not None or new_frames:
         if video is None and not Path(config.video).exists():
