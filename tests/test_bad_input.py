@@ -69,7 +69,7 @@ def tuned_run(tiny_pipeline_dir, tmp_path_factory):
     ("--max-grad-norm", "inf"), ("--temporal-loss-weight", "nan"), ("--temporal-loss-weight", "-1"),
     ("--seed", "-1"), ("--seed", str(2**64)), ("--checkpoint-every", "0"), ("--device", "gpu"),
 ])
-def test_tune_rejects_out_of_range_numbers(tiny_pipeline_dir, tmp_path, capsys, option, value):
+def test_tune_rejects_out_of_range_options(tiny_pipeline_dir, tmp_path, capsys, option, value):
     run_dir = tmp_path / "run"
     run_bad(capsys, tune_args(tiny_pipeline_dir, run_dir, option, value), option)
     assert not run_dir.exists()
@@ -81,7 +81,7 @@ def test_tune_rejects_out_of_range_numbers(tiny_pipeline_dir, tmp_path, capsys, 
     ("--frames", "0"), ("--depth-scale", "nan"), ("--depth-shift", "-inf"), ("--fps", "0"), ("--fps", "100000"),
     ("--device", "cuda:x"),
 ])
-def test_edit_rejects_out_of_range_numbers(tuned_run, tmp_path, capsys, option, value):
+def test_edit_rejects_out_of_range_options(tuned_run, tmp_path, capsys, option, value):
     before = files_under(tuned_run)
     run_bad(capsys, ["edit", str(tuned_run), "--prompt", "a marble", "-o", str(tmp_path / "out.mp4"), option, value],
             option)
