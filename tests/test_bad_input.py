@@ -145,7 +145,6 @@ def test_edit_checks_input_videos_before_loading(tuned_run, tmp_path, capsys):
     run_bad(capsys, ["edit", str(tuned_run), "--prompt", "a", "-o", out, "--frames", "999"], "999")
 
 
-
 def test_damaged_run_json(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "run.json").write_text('{"config": ')
