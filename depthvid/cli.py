@@ -6,7 +6,11 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from depthvid import errors
 from depthvid.errors import UserError
+
+EDIT_MEMORY_HINT = "lower --frames, edit fewer --prompt at once, or use --precision bf16 (fp16 on CUDA)"
+EVAL_MEMORY_HINT = "lower --frames or --depth-size"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -17,6 +21,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _tune_parser(subparsers) -> None:
+    from depthvid.tuning import MEMORY_HINT
+
     p = subparsers.add_parser("tune", help="tune the video model on one clip",
                               description="Tune the inflated SD2-depth video UNet on one clip and its caption.",
                               argument_default=argparse.SUPPRESS)
@@ -32,7 +38,9 @@ def _tune_parser(subparsers) -> None:
     p.add_argument("--stride", type=int, help="frame step for --sample stride")
     p.add_argument("--steps", type=int, help="optimiser steps (default 500)")
     p.add_argument("--lr", type=float, help="learning rate (default 1e-5)")
-    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--warmup-steps", type=int, help="linear lr warm-up steps (default 0)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.01)")
+    p.add_argument("--max-grad-norm", type=float, help="gradient clipping norm (default 1.0)")
     p.add_argument("--temporal-loss-weight", type=float, help="lambda of the temporal loss (default 0.01)")
     p.add_argument("--depth-normalize", choices=("clip", "frame"), help="depth min/max over the clip (default) or per frame")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), help="autocast dtype (default auto)")
@@ -42,14 +50,14 @@ def _tune_parser(subparsers) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--resume", action="store_true", default=False, help="continue the run in -o")
     p.add_argument("--quiet", action="store_true", default=False, help="no progress bars")
-    p.set_defaults(command=run_tune)
+    p.set_defaults(command=run_tune, memory_hint=MEMORY_HINT)
 
 
 def run_tune(args) -> int:
     from depthvid.config import TuneConfig
     from depthvid.tuning import read_run, tune
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "run_dir", "resume", "quiet")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "memory_hint", "run_dir", "resume", "quiet")}
     if args.resume and (Path(args.run_dir) / "run.json").exists():
         stored, _ = read_run(args.run_dir)
         config = dataclasses.replace(stored, **given)
@@ -85,7 +93,7 @@ def _edit_parser(subparsers) -> None:
     p.add_argument("--eval", action="store_true", help="score the outputs (CLIP metrics, depth fidelity)")
     p.add_argument("--clip-model", help="CLIP model for --eval (hub id or folder)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(command=run_edit)
+    p.set_defaults(command=run_edit, memory_hint=EDIT_MEMORY_HINT)
 
 
 def run_edit(args) -> int:
@@ -112,7 +120,7 @@ def run_edit(args) -> int:
 def _demo_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="offline end-to-end demo on a tiny model and the bundled clip")
     p.add_argument("-o", "--output", default="depthvid-demo", help="folder to write (default ./depthvid-demo)")
-    p.set_defaults(command=run_demo)
+    p.set_defaults(command=run_demo, memory_hint="close other programs and run it again")
 
 
 def run_demo(args) -> int:
@@ -127,10 +135,10 @@ def _eval_parsers(subparsers) -> None:
 
     p = subparsers.add_parser("eval", help="CLIP frame consistency, text alignment, depth fidelity")
     add_eval_arguments(p)
-    p.set_defaults(command=run_eval)
+    p.set_defaults(command=run_eval, memory_hint=EVAL_MEMORY_HINT)
     p = subparsers.add_parser("eval-bench", help="score a folder of edited clips (LOVEU-TGVE layout)")
     add_bench_arguments(p)
-    p.set_defaults(command=run_bench)
+    p.set_defaults(command=run_bench, memory_hint=EVAL_MEMORY_HINT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.command(args)
     except UserError as error:
         print(f"depthvid: error: {error}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as error:
+        out_of_memory = errors.out_of_memory(error, getattr(args, "memory_hint", "use smaller inputs"))
+        if out_of_memory is None:
+            raise
+        print(f"depthvid: error: {out_of_memory}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:
         print(f"depthvid: {stop}", file=sys.stderr)

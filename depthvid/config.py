@@ -4,10 +4,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from depthvid.errors import UserError
+from depthvid.errors import UserError, check_number
 from depthvid.loading import DEFAULT_MODEL
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds up to here
 
 
 @dataclass
@@ -40,18 +41,21 @@ class TuneConfig:
     RESUMABLE_CHANGES = ("steps", "checkpoint_every", "device")
 
     def validate(self) -> None:
+        """Every option in range before any work starts; bad values raise ``UserError`` naming the option."""
         from depthvid.video import check_frame_size
 
         if not self.prompt or not self.prompt.strip():
             raise UserError("--prompt: the caption of the source video is empty; describe the video")
         check_frame_size(self.height, self.width)
-        for name in ("frames", "steps", "checkpoint_every", "stride"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
-        if self.lr <= 0:
-            raise UserError(f"--lr {self.lr}: must be > 0 (paper: 1e-5)")
-        if self.temporal_loss_weight < 0:
-            raise UserError(f"--temporal-loss-weight {self.temporal_loss_weight}: must be >= 0")
+        for name, minimum, hint in (("frames", 1, "the paper uses 8"), ("start", 0, "0 is the first frame"),
+                                    ("stride", 1, "1 takes consecutive frames"), ("steps", 1, "the paper uses 500"),
+                                    ("warmup_steps", 0, "0 turns warm-up off"), ("checkpoint_every", 1, "the default is 100")):
+            check_number(f"--{name.replace('_', '-')}", getattr(self, name), minimum=minimum, integer=True, hint=hint)
+        check_number("--seed", self.seed, minimum=0, maximum=SEED_MAX, integer=True, hint="e.g. 0")
+        check_number("--lr", self.lr, above=0, maximum=1, hint="the paper uses 1e-5")
+        check_number("--weight-decay", self.weight_decay, minimum=0, hint="the default is 0.01")
+        check_number("--max-grad-norm", self.max_grad_norm, above=0, hint="the default is 1.0")
+        check_number("--temporal-loss-weight", self.temporal_loss_weight, minimum=0, hint="the default is 0.01")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
         if self.sample not in ("uniform", "stride"):

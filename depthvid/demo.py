@@ -17,10 +17,12 @@ def demo(out_dir: str | Path = "depthvid-demo", *, progress: bool = True) -> lis
     from depthvid.assets import sample_clip_path
     from depthvid.config import TuneConfig
     from depthvid.editing import edit
+    from depthvid.fileutil import check_writable
     from depthvid.testing import save_tiny_pipeline
     from depthvid.tuning import tune
 
     out_dir = Path(out_dir)
+    check_writable(out_dir / "run", "-o")
     started = time.perf_counter()
     model_dir = save_tiny_pipeline(out_dir / "tiny-sd2-depth")
     run_dir = out_dir / "run"

@@ -15,12 +15,13 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from depthvid.errors import UserError
-from depthvid.fileutil import check_writable
+from depthvid.config import SEED_MAX
+from depthvid.errors import UserError, check_number
 from depthvid.tuning import CACHE_FILE, autocast, autocast_dtype, pick_device, prepare_cache, read_run, save_tensors
+from depthvid.video import OUTPUT_SUFFIXES, check_fps, check_output_suffix, check_video_output
 
 INVERSION_DIR = "inversions"
-VIDEO_SUFFIXES = (".mp4", ".gif")
+MAX_GUIDANCE = 100  # far above any useful scale; much larger ones overflow into NaN frames
 
 
 @dataclass
@@ -90,12 +91,22 @@ def output_paths(out: Path, prompts: list[str]) -> tuple[list[Path], Path]:
     def slug(text: str) -> str:
         return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "edit"
 
-    if out.suffix.lower() in VIDEO_SUFFIXES:
+    if out.suffix.lower() in OUTPUT_SUFFIXES:
         if len(prompts) == 1:
             return [out], out.with_name(f"{out.stem}-side-by-side{out.suffix}")
         return ([out.with_name(f"{out.stem}-{i}-{slug(p)}{out.suffix}") for i, p in enumerate(prompts)],
                 out.with_name(f"{out.stem}-side-by-side{out.suffix}"))
     return [out / f"{i}-{slug(p)}" for i, p in enumerate(prompts)], out / "side-by-side"
+
+
+def _count_frames(path, option: str) -> int:
+    """Frames of the video at ``path``; a missing or unreadable one is a ``UserError`` naming ``option``."""
+    from depthvid.video import count_frames
+
+    try:
+        return count_frames(path)
+    except UserError as error:
+        raise UserError(f"{option}: {error}") from None
 
 
 def edit(
@@ -138,23 +149,38 @@ def edit(
     from depthvid.depth import depth_to_frames, estimate_depth, load_depth_video
     from depthvid.loading import decode_latents, encode_frames, encode_prompts, load_base_model
     from depthvid.models import inflate_unet, load_adapter
-    from depthvid.video import load_video, make_grid, write_video
+    from depthvid.video import load_video, make_grid, sample_frame_indices, write_video
 
     # -- check everything before loading anything
     run_dir, out = Path(run_dir), Path(out)
     config, run = read_run(run_dir)
-    if not (run_dir / "adapter.safetensors").is_file():
-        raise UserError(f"{str(run_dir)!r} has no adapter.safetensors yet; let `depthvid tune` reach a checkpoint")
+    for name in ("adapter.safetensors", CACHE_FILE):
+        if not (run_dir / name).is_file():
+            raise UserError(f"{str(run_dir)!r} has no {name} yet; let `depthvid tune` reach a checkpoint")
     if not prompts or any(not p or not p.strip() for p in prompts):
         raise UserError("--prompt: an edit prompt is empty; give the caption you want the video to have")
-    if steps <= 0:
-        raise UserError(f"--steps {steps}: must be >= 1 (50 is a good default)")
-    if guidance < 0:
-        raise UserError(f"--guidance {guidance}: must be >= 0 (1 = no guidance; 7.5-12.5 is typical)")
-    if frames is not None and frames < 1:
-        raise UserError(f"--frames {frames}: must be >= 1")
+    check_number("--steps", steps, minimum=1, integer=True, hint="50 is a good default")
+    check_number("--guidance", guidance, minimum=0, maximum=MAX_GUIDANCE, hint="1 = no guidance; 7.5-12.5 is typical")
+    check_number("--eta", eta, minimum=0, maximum=1, hint="0 is deterministic DDIM, 1 is DDPM-like")
+    check_number("--seed", seed, minimum=0, maximum=SEED_MAX, integer=True, hint="e.g. 0")
+    check_number("--depth-scale", depth_scale, hint="1 keeps the estimated depth")
+    check_number("--depth-shift", depth_shift, hint="0 keeps the estimated depth")
+    check_fps(fps)
+    if frames is not None:
+        check_number("--frames", frames, minimum=1, integer=True, hint="omit it for the tuned frames")
+    new_frames = frames is not None and frames != config.frames  # read from the source clip: it must have them
+    if video is not None or new_frames:
+        if video is None and not Path(config.video).exists():
+            raise UserError(f"--frames {frames}: the source video {config.video!r} is gone; pass --video PATH")
+        available = _count_frames(video or config.video, "--video")
+        if new_frames:
+            sample_frame_indices(available, frames, config.sample, config.start, config.stride)
+    if depth_video is not None:
+        _count_frames(depth_video, "--depth")
+    check_output_suffix(out, "-o")
     outputs, side_by_side = output_paths(out, prompts)
-    check_writable(out, "-o")
+    for path in (*outputs, side_by_side):
+        check_video_output(path, "-o")
     device = pick_device(device)
     dtype = autocast_dtype(precision, device)
     if evaluate:  # loaded first: a bad --clip-model fails before any compute, with nothing written
@@ -167,10 +193,12 @@ def edit(
     # -- source: the cached clip, or a new frame count read from the video
     cache = load_file(str(run_dir / CACHE_FILE))
     base = load_base_model(config.model, device)
+    timesteps = base.scheduler.config.num_train_timesteps
+    if steps > timesteps:
+        raise UserError(f"--steps {steps}: the model was trained with {timesteps} timesteps, DDIM can take at most "
+                        f"that many; 50 is a good default")
     if frames is not None and frames != cache["latents"].shape[2]:
         source = video or config.video
-        if not Path(source).exists():
-            raise UserError(f"--frames {frames}: the source video {source!r} is gone; pass --video PATH")
         clip = load_video(source, frames, config.height, config.width,
                           sample=config.sample, start=config.start, stride=config.stride)
         cache = prepare_cache(base, config, clip)

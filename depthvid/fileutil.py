@@ -18,11 +18,22 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
     probe = parent
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+    if not probe.is_dir() or not _can_create_in(probe):
         raise UserError(f"{what} {str(path)!r}: cannot write into {str(probe)!r}; choose a writable location")
     if path.exists() and path.is_dir() and path.suffix in (".mp4", ".gif"):
         raise UserError(f"{what} {str(path)!r} is an existing folder; choose another name")
     return path
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Try it: permission bits do not tell (root, read-only mounts, /proc)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".depthvid-probe.", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,69 @@ def check_model_folder(model: str) -> None:
                 f"--model {model!r}: component {name!r} is missing ({path / name}/); "
                 "use a complete stable-diffusion-2-depth folder"
             )
+    check_unet_weights(model)
+
+
+def _weight_shapes(unet_dir: Path) -> tuple[str, dict[str, tuple]] | None:
+    """(file name, {tensor name: shape}) from the safetensors headers of ``unet_dir``; None for
+    other formats (diffusers' own loading judges those)."""
+    from safetensors import safe_open
+
+    single, index = unet_dir / "diffusion_pytorch_model.safetensors", unet_dir / "diffusion_pytorch_model.safetensors.index.json"
+    if single.is_file():
+        name, files = single.name, [single]
+    elif index.is_file():
+        name, files = index.name, sorted({unet_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        return None
+    shapes = {}
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+    return name, shapes
+
+
+def check_unet_weights(model: str) -> None:
+    """A local folder's unet/config.json must describe the tensors in its weights.
+
+    diffusers fills weights the file lacks with random values and drops those the config has no
+    place for, both without a word, and fails deep inside load_state_dict on other shapes.
+    """
+    from diffusers import UNet2DConditionModel
+
+    unet_dir = Path(model) / "unet"
+    where = f"--model {model!r}"
+    try:
+        found = _weight_shapes(unet_dir)
+        if found is None:
+            return
+        weights_name, found = found
+        with quiet_loading(), torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_dir))
+    except Exception as error:  # unparsable JSON or header, a config diffusers cannot build
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{where}: cannot read its unet ({reason}); use a complete stable-diffusion-2-depth folder") from None
+    expected = {key: tuple(tensor.shape) for key, tensor in unet.state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    reshaped = [key for key in sorted(expected.keys() & found.keys()) if expected[key] != found[key]]
+    if not (missing or unexpected or reshaped):
+        return
+
+    def some(keys: list[str]) -> str:
+        return f"{len(keys)} ({', '.join(keys[:2])}{', ...' if len(keys) > 2 else ''})"
+
+    problems = []
+    if missing:
+        problems.append(f"missing from the file: {some(missing)}")
+    if unexpected:
+        problems.append(f"not in the config: {some(unexpected)}")
+    if reshaped:
+        key = reshaped[0]
+        problems.append(f"of another shape: {some(reshaped)}, e.g. {found[key]} in the file, {expected[key]} by the config")
+    raise UserError(
+        f"{where}: unet/config.json and unet/{weights_name} disagree on weights {'; '.join(problems)}; "
+        "restore the config.json that came with these weights"
+    )
 
 
 @contextlib.contextmanager
@@ -79,7 +143,9 @@ def load_base_model(model: str = DEFAULT_MODEL, device: str | torch.device = "cp
             from diffusers import StableDiffusionDepth2ImgPipeline
 
             pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(model, dtype=dtype)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and "loading state_dict" not in str(error):
+            raise  # out of memory, or a bug: not a bad folder
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
             f"--model {model!r}: could not load it ({reason}); pass a local stable-diffusion-2-depth folder"

@@ -57,9 +57,9 @@ class EvalOptions:
         if self.pairs not in PAIRS:
             raise UserError(f"pairs={self.pairs!r}: expected one of {', '.join(PAIRS)}; pick one of them")
         if self.num_frames is not None and self.num_frames < 1:
-            raise UserError(f"frames={self.num_frames}: expected a positive number of frames; pass e.g. 8, or omit it for all")
+            raise UserError(f"--frames {self.num_frames}: expected a positive number of frames; pass e.g. 8, or omit it for all")
         if self.depth_size < 8:
-            raise UserError(f"depth_size={self.depth_size}: expected at least 8 pixels; try 128")
+            raise UserError(f"--depth-size {self.depth_size}: expected at least 8 pixels; try 128")
         if self.batch_size < 1:
             raise UserError(f"batch_size={self.batch_size}: expected a positive number; try 16")
         if self.device is not None:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 import depthvid
 from depthvid.config import TuneConfig
+from depthvid import errors
 from depthvid.errors import UserError
 from depthvid.fileutil import atomic_path, check_writable, write_json
 
@@ -30,6 +31,8 @@ RUN_FILE = "run.json"
 CACHE_FILE = "cache.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 LOSS_LOG = "loss.jsonl"
+MEMORY_HINT = ("lower --frames or --height/--width, turn on --gradient-checkpointing, "
+               "or use --precision bf16 (fp16 on CUDA)")
 
 
 class TrainingInterrupted(Exception):
@@ -43,9 +46,15 @@ class TrainingDiverged(Exception):
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        picked = torch.device(device)
+    except (RuntimeError, TypeError):
+        picked = None
+    if picked is None or picked.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    if picked.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
-    return torch.device(device)
+    return picked
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -86,8 +95,12 @@ def read_run(run_dir: str | Path) -> tuple[TuneConfig, dict]:
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
         raise UserError(f"{str(run_dir)!r} is not a depthvid run (no {RUN_FILE}); create one with `depthvid tune`")
-    run = json.loads(path.read_text())
-    return TuneConfig.from_dict(run["config"]), run
+    try:
+        run = json.loads(path.read_text())
+        config = run["config"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise UserError(f"{str(path)!r} is damaged ({type(error).__name__}: {error}); tune the run again") from None
+    return TuneConfig.from_dict(config), run
 
 
 def prepare_cache(base, config: TuneConfig, frames: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -286,6 +299,8 @@ def tune(config: TuneConfig, run_dir: str | Path, *, resume: bool = False, progr
     bar = tqdm(total=config.steps, initial=step, desc="tune", unit="step", disable=not progress, dynamic_ncols=True)
     log = open(run_dir / LOSS_LOG, "a")
     started = time.perf_counter()
+    out_of_memory = None
+    step_rng = generator.get_state()  # restored when a step does not finish: its noise was not used
     try:
         while step < config.steps:
             # -- learning rate
@@ -309,6 +324,7 @@ def tune(config: TuneConfig, run_dir: str | Path, *, resume: bool = False, progr
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            step_rng = generator.get_state()
             # -- log
             record = {"step": step, "loss": loss.item(), "mse": mse.item(), "temporal": temporal.item(),
                       "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 3)}
@@ -321,15 +337,29 @@ def tune(config: TuneConfig, run_dir: str | Path, *, resume: bool = False, progr
                 checkpoint(step)
     except KeyboardInterrupt:
         log.close()
+        generator.set_state(step_rng)
         if step > run["steps_done"]:
             checkpoint(step)
         raise TrainingInterrupted(
             f"interrupted at step {step}/{config.steps}; checkpoint saved in {run_dir}; "
             f"continue with the same command plus --resume"
         ) from None
+    except (MemoryError, RuntimeError) as error:
+        out_of_memory = errors.out_of_memory(error, MEMORY_HINT)
+        if out_of_memory is None:
+            raise
     finally:
         log.close()
         bar.close()
+    if out_of_memory is not None:  # outside the except block: its traceback held the step's activations
+        optimizer.zero_grad(set_to_none=True)
+        generator.set_state(step_rng)
+        if step > run["steps_done"]:
+            checkpoint(step)
+        if step:
+            raise errors.OutOfMemory(f"{out_of_memory} (step {step} is saved in {run_dir}: continue with the "
+                                     "same command plus --resume)")
+        raise out_of_memory
     if run["steps_done"] != step:  # resumed a finished run: nothing to do but keep files current
         checkpoint(step)
     return run_dir

@@ -8,8 +8,11 @@ leaves a half-written file.
 """
 from __future__ import annotations
 
-import numbers
+import contextlib
+import os
 import re
+import sys
+import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -17,14 +20,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from depthvid.errors import UserError
-from depthvid.fileutil import atomic_path
+from depthvid.errors import UserError, check_number
+from depthvid.fileutil import atomic_path, check_writable
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mov", ".mkv", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 READER_BACKENDS = (None, "decord", "pyav")
 SAMPLE_MODES = ("uniform", "stride")
+OUTPUT_SUFFIXES = (".mp4", ".gif")  # write_video's file formats; any other target is a folder of PNGs
 SIZE_MULTIPLE = 64
+MAX_FPS = 240
 MP4_CRF = 18  # x264 quality: 18 is visually near-lossless, 23 is x264's default.
 
 
@@ -175,17 +180,44 @@ class _GifReader:
         return frames
 
 
+@contextlib.contextmanager
+def _native_logs_captured():
+    """Swallow what decord and FFmpeg print on file descriptor 2 while they probe or decode.
+
+    They log from C/C++ ("[mov,mp4,...] moov atom not found", "video_reader.cc:83: ERROR opening"),
+    around our own one-line error; Python's sys.stderr never sees those lines, so the descriptor
+    itself is pointed at a scratch file for the duration.
+    """
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to protect
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as scratch:
+            sys.stderr.flush()
+            os.dup2(scratch.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
 class _DecordReader:
     def __init__(self, path: Path):
         import decord
 
-        self.reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+        with _native_logs_captured():
+            self.reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def read(self, indices: list[int]) -> list[np.ndarray]:
-        return list(self.reader.get_batch(indices).asnumpy())
+        with _native_logs_captured():
+            return list(self.reader.get_batch(indices).asnumpy())
 
 
 class _PyAVReader:
@@ -195,7 +227,7 @@ class _PyAVReader:
         import av
 
         self.path = path
-        with av.open(str(path)) as container:
+        with _native_logs_captured(), av.open(str(path)) as container:
             if not container.streams.video:
                 raise UserError(f"video {str(path)!r}: the file has no video stream")
             self.num_frames = container.streams.video[0].frames
@@ -210,7 +242,7 @@ class _PyAVReader:
 
         wanted, last = set(indices), max(indices)
         decoded = {}
-        with av.open(str(self.path)) as container:
+        with _native_logs_captured(), av.open(str(self.path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for i, frame in enumerate(container.decode(stream)):
@@ -228,7 +260,8 @@ class _PyAVReader:
 
 
 def _unreadable(path: Path, err: Exception) -> UserError:
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", reason)  # decord's "[time] file.cc:line: " prefix
     return UserError(
         f"video {str(path)!r}: not a readable video ({reason}): "
         f"pass an {'/'.join(s[1:] for s in VIDEO_SUFFIXES)} file or a folder of images"
@@ -268,6 +301,24 @@ def _open_reader(path, backend: str | None = None):
     except UserError:
         raise
     except Exception as err:  # av.error.FFmpegError and friends
+        raise _unreadable(path, err) from err
+
+
+def _read_frames(reader, indices: list[int], path: Path, backend: str | None) -> list[np.ndarray]:
+    """``reader.read(indices)``; a file that opens but does not decode is a ``UserError``."""
+    try:
+        return reader.read(indices)
+    except UserError:
+        raise
+    except Exception as err:
+        if not (isinstance(reader, _DecordReader) and backend is None):
+            raise _unreadable(path, err) from err
+    # decord opens some files it cannot decode (e.g. 16x16 frames): PyAV decides
+    try:
+        return _PyAVReader(path).read(indices)
+    except UserError:
+        raise
+    except Exception as err:
         raise _unreadable(path, err) from err
 
 
@@ -326,7 +377,7 @@ def load_video(
     check_frame_size(height, width)
     reader = _open_reader(path, backend)
     indices = sample_frame_indices(len(reader), num_frames, sample, start, stride)
-    arrays = reader.read(indices)
+    arrays = _read_frames(reader, indices, Path(path), backend)
 
     frames = []
     for array in arrays:
@@ -439,6 +490,40 @@ def _is_previous_output(folder: Path) -> bool:
     return all(re.fullmatch(r"frame_\d+\.png", p.name) for p in folder.iterdir())
 
 
+def check_fps(fps) -> None:
+    check_number("--fps", fps, minimum=1, maximum=MAX_FPS, hint="8 is the default")
+
+
+def check_output_suffix(path, option: str = "output") -> None:
+    """Only .mp4 and .gif name files; a new folder of PNG frames has no suffix (out.avi is a typo,
+    not a folder name)."""
+    path = Path(path)
+    if path.suffix and path.suffix.lower() not in OUTPUT_SUFFIXES and not path.is_dir():
+        raise UserError(
+            f"{option} {str(path)!r}: cannot write {path.suffix} videos: end it with "
+            f"{' or '.join(OUTPUT_SUFFIXES)}, or give a folder name without a suffix for PNG frames"
+        )
+
+
+def check_video_output(path, option: str = "output") -> Path:
+    """Raise ``UserError`` unless ``write_video`` can write ``path``: call it before the work that
+    produces the frames. The suffix picks the format: .mp4, .gif, or none for a folder of PNGs."""
+    path = Path(path)
+    is_folder = path.suffix.lower() not in OUTPUT_SUFFIXES
+    if is_folder and path.exists() and not path.is_dir():
+        raise UserError(
+            f"{option} {str(path)!r}: exists and is not a folder: end it with .mp4 or .gif"
+        )
+    if not is_folder and path.is_dir():
+        raise UserError(f"{option} {str(path)!r}: is a folder: choose a file name")
+    check_output_suffix(path, option)
+    if is_folder and path.is_dir() and not _is_previous_output(path):
+        raise UserError(
+            f"{option} {str(path)!r}: folder exists and holds other files: choose a new folder"
+        )
+    return check_writable(path, option)
+
+
 def write_video(frames, path, fps: float = 8) -> Path:
     """Write frames to ``path``: .mp4 (H.264), .gif (loops forever) or else a folder of PNGs.
 
@@ -456,22 +541,10 @@ def write_video(frames, path, fps: float = 8) -> Path:
     array = to_uint8_frames(frames)
     if array.shape[0] == 0 or array.shape[1] == 0 or array.shape[2] == 0:
         raise UserError(f"frames: got an empty video of shape {array.shape}: nothing to write")
-    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not fps > 0:
-        raise UserError(f"--fps {fps!r}: must be a positive number (e.g. 8)")
-
-    path = Path(path)
+    check_fps(fps)
+    path = check_video_output(path)
     suffix = path.suffix.lower()
-    is_folder = suffix not in (".mp4", ".gif")
-    if is_folder and path.exists() and not path.is_dir():
-        raise UserError(
-            f"output {str(path)!r}: exists and is not a folder: end it with .mp4 or .gif"
-        )
-    if not is_folder and path.is_dir():
-        raise UserError(f"output {str(path)!r}: is a folder: choose a file name")
-    if is_folder and path.is_dir() and not _is_previous_output(path):
-        raise UserError(
-            f"output {str(path)!r}: folder exists and holds other files: choose a new folder"
-        )
+    is_folder = suffix not in OUTPUT_SUFFIXES
 
     try:
         with atomic_path(path, directory=is_folder) as temp:

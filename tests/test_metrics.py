@@ -165,7 +165,7 @@ def test_missing_depth_model_is_a_user_error(tmp_path):
 
 @pytest.mark.parametrize(
     "field, value, message",
-    [("pairs", "neighbours", "pairs='neighbours'"), ("num_frames", 0, "frames=0"), ("depth_size", 2, "depth_size=2"),
+    [("pairs", "neighbours", "pairs='neighbours'"), ("num_frames", 0, "--frames 0"), ("depth_size", 2, "--depth-size 2"),
      ("device", "gpu0", "--device 'gpu0'")],
 )
 def test_bad_options_raise_user_error(field, value, message):
