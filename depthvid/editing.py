@@ -137,6 +137,7 @@ def edit(
     """
     from depthvid.depth import depth_to_frames, estimate_depth, load_depth_video
     from depthvid.loading import ENCODERS, decode_latents, encode_prompts, load_base_model
+    from depthvid.memory import return_freed_tensors_to_the_system
     from depthvid.models import inflate_unet, load_adapter
     from depthvid.video import load_video, make_grid, write_video
 
@@ -157,6 +158,7 @@ def edit(
     check_writable(out, "-o")
     device = pick_device(device)
     dtype = autocast_dtype(precision, device)
+    return_freed_tensors_to_the_system()
     if evaluate:  # loaded first: a bad --clip-model fails before any compute, with nothing written
         from depthvid.evaluate import evaluate_edit, load_models
         from depthvid.metrics import EvalOptions

@@ -10,7 +10,11 @@ width and 8 x 512x512, where a step without checkpointing was measured to run ou
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -77,3 +81,27 @@ def tuning_plan(unet_config, frames: int, height: int, width: int, *, batch: int
     needed = activation_bytes(unet_config, frames, height, width, batch=batch, dtype=dtype)
     budget = int(MEMORY_HEADROOM * available_bytes)
     return TuningPlan(gradient_checkpointing=needed > budget, activation_bytes=needed, budget_bytes=budget)
+
+
+# glibc's mallopt parameter and the size from which every allocation gets its own mapping
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+@functools.cache
+def return_freed_tensors_to_the_system() -> bool:
+    """Make glibc give every allocation of 1 MiB or more its own mapping, unmapped when freed.
+
+    By default glibc raises that threshold each time a large block is freed (up to 32 MiB), after
+    which activations freed in backward stay in the heap and the next phase's tensors land beside
+    them: peak RSS grows although the live tensors do not. Measured on a CPU tuning step of the
+    1/4-width SD2-depth UNet (8 x 256x256, checkpointing): 0.47 GiB -> 0.27 GiB above the model.
+    Process-wide and idempotent; returns False where it does not apply (not glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False

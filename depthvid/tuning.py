@@ -216,13 +216,14 @@ def training_loss(video_unet, scheduler, batch: dict[str, torch.Tensor], generat
 def tune(config: TuneConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
     """Tune the inflated UNet on one clip; returns RUN_DIR. See the module docstring for its files."""
     from depthvid.loading import ENCODERS, load_base_model
-    from depthvid.memory import tuning_plan
+    from depthvid.memory import return_freed_tensors_to_the_system, tuning_plan
     from depthvid.models import inflate_unet, mark_trainable, save_adapter
     from depthvid.video import load_video, write_video
     from depthvid.depth import export_depth_video
 
     run_dir = Path(run_dir)
     config.validate()
+    return_freed_tensors_to_the_system()
     device = pick_device(config.device)
     dtype = autocast_dtype(config.precision, device)
     if resume:

@@ -1,6 +1,8 @@
 """Memory: the gradient-checkpointing default as a function of the work and the machine, and which
 networks are resident in each phase of `depthvid tune` and `depthvid edit` (tiny pipeline)."""
 import gc
+import os
+import sys
 import weakref
 
 import pytest
@@ -9,7 +11,13 @@ import torch
 from depthvid import editing, loading, tuning
 from depthvid.assets import sample_clip_path
 from depthvid.cli import main
-from depthvid.memory import activation_bytes, available_memory_bytes, channel_pixels, tuning_plan
+from depthvid.memory import (
+    activation_bytes,
+    available_memory_bytes,
+    channel_pixels,
+    return_freed_tensors_to_the_system,
+    tuning_plan,
+)
 from depthvid.testing import SD2_DEPTH_UNET_CONFIG, tiny_unet_config
 
 GB = 2**30
@@ -116,3 +124,22 @@ def test_editing_loads_each_network_for_its_phase_only(run_dir, tmp_path, monkey
                  str(tmp_path / "out.mp4"), "--quiet"]) == 0
     assert seen == {"ddim_invert": [{"unet"}], "ddim_sample": [{"unet"}], "decode_latents": [{"vae"}]}
     assert "depth_estimator" not in {name for name, _ in loaded}  # the tuned frame count: cached depth
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
+def test_freed_tensors_return_to_the_system():
+    assert return_freed_tensors_to_the_system()
+    # glibc's default: freeing a 16 MiB block raises its mmap threshold past 8 MiB, so a freed
+    # 8 MiB tensor would stay in the heap; with the fixed threshold it is unmapped
+    larger = torch.ones(16 * 2**20 // 4)
+    del larger
+    before = resident_bytes()
+    block = torch.ones(8 * 2**20 // 4)
+    during = resident_bytes()
+    del block
+    assert during - before > 7 * 2**20 and during - resident_bytes() > 7 * 2**20
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
