@@ -32,7 +32,7 @@ class TuneConfig:
     temporal_loss_weight: float = 0.01
     depth_normalize: str = "clip"  # "clip": one min/max over the whole clip; "frame": per frame
     precision: str = "auto"  # autocast dtype: auto = fp16 on CUDA, fp32 on CPU; trainable weights stay fp32
-    gradient_checkpointing: bool | None = None  # None: on for CUDA, off on CPU
+    gradient_checkpointing: bool | None = None  # None: on when a step without it would not fit in memory
     seed: int = 0
     checkpoint_every: int = 100  # steps between checkpoints (also written on Ctrl-C and at the end)
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...

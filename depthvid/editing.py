@@ -147,7 +147,8 @@ def edit(
         evaluate: score each output with the CLIP metrics and depth fidelity.
     """
     from depthvid.depth import depth_to_frames, estimate_depth, load_depth_video
-    from depthvid.loading import decode_latents, encode_frames, encode_prompts, load_base_model
+    from depthvid.loading import ENCODERS, decode_latents, encode_prompts, load_base_model
+    from depthvid.memory import return_freed_tensors_to_the_system
     from depthvid.models import inflate_unet, load_adapter
     from depthvid.video import load_video, make_grid, sample_frame_indices, write_video
 
@@ -183,6 +184,7 @@ def edit(
         check_video_output(path, "-o")
     device = pick_device(device)
     dtype = autocast_dtype(precision, device)
+    return_freed_tensors_to_the_system()
     if evaluate:  # loaded first: a bad --clip-model fails before any compute, with nothing written
         from depthvid.evaluate import evaluate_edit, load_models
         from depthvid.metrics import EvalOptions
@@ -190,18 +192,21 @@ def edit(
         eval_options = EvalOptions(depth_model=config.model, **({"clip_model": clip_model} if clip_model else {}))
         eval_models = load_models(eval_options, with_depth=True)
 
-    # -- source: the cached clip, or a new frame count read from the video
+    # -- phase 1, the encoders: the prompts' embeddings, and a new cache for a new frame count
     cache = load_file(str(run_dir / CACHE_FILE))
-    base = load_base_model(config.model, device)
+    base = load_base_model(config.model, device, networks=ENCODERS if new_frames else ("text_encoder",))
     timesteps = base.scheduler.config.num_train_timesteps
     if steps > timesteps:
         raise UserError(f"--steps {steps}: the model was trained with {timesteps} timesteps, DDIM can take at most "
                         f"that many; 50 is a good default")
-    if frames is not None and frames != cache["latents"].shape[2]:
+    if new_frames:
         source = video or config.video
         clip = load_video(source, frames, config.height, config.width,
                           sample=config.sample, start=config.start, stride=config.stride)
         cache = prepare_cache(base, config, clip)
+    empty = encode_prompts(base, [negative_prompt]).to(device)
+    prompt_embeds = encode_prompts(base, prompts).to(device)
+    base.release(*ENCODERS)
     source_frames = cache["frames"].float() / 255  # (F, 3, H, W)
     latents = cache["latents"].to(device)
     num_frames = latents.shape[2]
@@ -211,12 +216,11 @@ def edit(
                                  normalize=config.depth_normalize).transpose(0, 1)[None]
     depth = (depth * depth_scale + depth_shift).to(device)
 
-    # -- model: base + inflation + the tuned weights
+    # -- phase 2, the UNet: base + inflation + the tuned weights (no optimiser state is read)
+    base.unet = load_base_model(config.model, device, networks=("unet",)).unet
     video_unet = inflate_unet(base.unet)
     load_adapter(video_unet, run_dir)
     video_unet.eval()
-    empty = encode_prompts(base, [negative_prompt]).to(device)
-    prompt_embeds = encode_prompts(base, prompts).to(device)
 
     # -- inversion, cached by everything it depends on
     adapter_digest = hashlib.sha256((run_dir / "adapter.safetensors").read_bytes()).hexdigest()
@@ -232,7 +236,13 @@ def edit(
         generator = torch.Generator(device).manual_seed(seed)
         edited = ddim_sample(video_unet, base.scheduler.config, noise, depth, prompt_embeds, empty, steps,
                              guidance, eta=eta, generator=generator, progress=progress)
+    del video_unet
+    base.release("unet")
+
+    # -- phase 3, the VAE: decode
+    base.vae = load_base_model(config.model, device, networks=("vae",)).vae
     videos = decode_latents(base, edited)  # (P, F, 3, H, W)
+    base.release("vae")
 
     # -- outputs: one per prompt + source | depth | edits
     for path, frames_out in zip(outputs, videos):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,22 +15,35 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-2-depth"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "depth_estimator", "feature_extractor")
 
 
+NETWORKS = ("unet", "vae", "text_encoder", "depth_estimator")  # the components that hold weights
+ENCODERS = ("vae", "text_encoder", "depth_estimator")  # what turns a clip and prompts into UNet inputs
+
+
 @dataclass
 class BaseModel:
-    """The components of a stable-diffusion-2-depth style pipeline that depthvid uses."""
+    """The components of a stable-diffusion-2-depth style pipeline that depthvid uses.
+
+    A network that was not asked for (see :func:`load_base_model`) or was released is None.
+    """
 
     model: str  # hub id or local folder it came from
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
+    unet: torch.nn.Module | None
+    vae: torch.nn.Module | None
+    text_encoder: torch.nn.Module | None
     tokenizer: object
     scheduler: object
-    depth_estimator: torch.nn.Module
+    depth_estimator: torch.nn.Module | None
     feature_extractor: object
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def release(self, *names: str) -> None:
+        """Drop the named networks so that their memory goes back before the next phase."""
+        for name in names:
+            setattr(self, name, None)
+        gc.collect()
 
 
 def check_model_folder(model: str) -> None:
@@ -132,17 +146,31 @@ def quiet_loading():
         transformers_logging.enable_progress_bar()
 
 
-def load_base_model(model: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype=torch.float32) -> BaseModel:
-    """Load every component through diffusers' ``from_pretrained`` (hub id or local folder).
+def load_base_model(
+    model: str = DEFAULT_MODEL,
+    device: str | torch.device = "cpu",
+    dtype=torch.float32,
+    networks: tuple[str, ...] = NETWORKS,
+) -> BaseModel:
+    """Load the components through diffusers' ``from_pretrained`` (hub id or local folder).
 
-    The depth estimator always runs in float32 (DPT-Hybrid's batch norm misbehaves in fp16).
+    Only the ``networks`` named (of :data:`NETWORKS`) are loaded, the others are None: tuning and
+    editing load each phase's networks when the phase starts and release them after it. The
+    tokenizer, scheduler and feature extractor always load (no weights). The UNet's config is
+    checked (a depth channel) even when its weights are not loaded. The depth estimator always
+    runs in float32 (DPT-Hybrid's batch norm misbehaves in fp16).
     """
     check_model_folder(model)
+    unknown = sorted(set(networks) - set(NETWORKS))
+    if unknown:
+        raise ValueError(f"networks: unknown {unknown}; expected names from {NETWORKS}")
     try:
         with quiet_loading():  # the import too: without torchvision it notes DPTImageProcessor's Pil fallback
-            from diffusers import StableDiffusionDepth2ImgPipeline
+            from diffusers import StableDiffusionDepth2ImgPipeline, UNet2DConditionModel
 
-            pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(model, dtype=dtype)
+            unet_config = UNet2DConditionModel.load_config(model, subfolder="unet")
+            skipped = {name: None for name in NETWORKS if name not in networks}
+            pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(model, dtype=dtype, **skipped)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         if isinstance(error, RuntimeError) and "loading state_dict" not in str(error):
             raise  # out of memory, or a bug: not a bad folder
@@ -150,9 +178,9 @@ def load_base_model(model: str = DEFAULT_MODEL, device: str | torch.device = "cp
         raise UserError(
             f"--model {model!r}: could not load it ({reason}); pass a local stable-diffusion-2-depth folder"
         ) from None
-    if pipe.unet.config.in_channels != 5:
+    if unet_config.get("in_channels") != 5:
         raise UserError(
-            f"--model {model!r}: its UNet has in_channels={pipe.unet.config.in_channels}, not 5 "
+            f"--model {model!r}: its UNet has in_channels={unet_config.get('in_channels')}, not 5 "
             "(4 latent + 1 depth); depthvid needs a depth-conditioned model like stabilityai/stable-diffusion-2-depth"
         )
     base = BaseModel(
@@ -162,11 +190,11 @@ def load_base_model(model: str = DEFAULT_MODEL, device: str | torch.device = "cp
         text_encoder=pipe.text_encoder,
         tokenizer=pipe.tokenizer,
         scheduler=pipe.scheduler,
-        depth_estimator=pipe.depth_estimator.float(),
+        depth_estimator=None if pipe.depth_estimator is None else pipe.depth_estimator.float(),
         feature_extractor=pipe.feature_extractor,
     )
-    for module in (base.unet, base.vae, base.text_encoder, base.depth_estimator):
-        module.to(device).requires_grad_(False).eval()
+    for name in networks:
+        getattr(base, name).to(device).requires_grad_(False).eval()
     return base
 
 

@@ -285,6 +285,132 @@ def save_tiny_pipeline(path, seed: int = 0) -> pathlib.Path:
     return path
 
 
+# -- full-size stable-diffusion-2-depth (random weights) ------------------------------------------
+# The real architecture's sizes, for measuring memory and speed at paper scale without the download.
+
+SD2_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=768,
+    scaling_factor=0.18215,
+)
+
+SD2_TEXT_ENCODER_CONFIG = dict(  # OpenCLIP ViT-H/14's text tower as SD2 uses it: 23 of its 24 layers
+    vocab_size=49408,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    max_position_embeddings=MODEL_MAX_LENGTH,
+    projection_dim=512,
+    hidden_act="gelu",
+)
+
+DPT_HYBRID_CONFIG = dict(  # Intel/dpt-hybrid-midas: a BiT-ResNet stem feeding a 12-layer ViT-B/16
+    is_hybrid=True,
+    image_size=384,
+    neck_hidden_sizes=(256, 512, 768, 768),
+    reassemble_factors=(1, 1, 1, 0.5),
+    backbone_featmap_shape=(1, 1024, 24, 24),
+    use_auxiliary_head=False,
+)
+
+def full_size_components(device="cpu", seed: int = 0) -> dict:
+    """Build the four models of stable-diffusion-2-depth at their real sizes, randomly initialised.
+
+    Returns {"unet", "vae", "text_encoder", "depth_estimator"} -> module. On ``device="meta"``
+    nothing is allocated (for counting parameters); on CPU this takes ~5.5 GB. The weights
+    depend only on ``seed``.
+    """
+    return {name: build() for name, build in _full_size_builders(device, seed).items()}
+
+
+def _full_size_builders(device, seed: int) -> dict:
+    """name -> a no-argument function building that component (so a caller can hold one at a time)."""
+    with quiet_loading():
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, DPTConfig, DPTForDepthEstimation
+
+    vocab = tiny_vocab()
+
+    def seeded(index, build):
+        def run():
+            with torch.random.fork_rng(devices=[]), torch.device(device):
+                torch.manual_seed(seed * 1000 + index)
+                module = build()
+            return module if device == "meta" else module.eval()
+        return run
+
+    def depth_estimator():
+        model = DPTForDepthEstimation(DPTConfig(**DPT_HYBRID_CONFIG))
+        return model if device == "meta" else _tiny_depth_estimator(model)
+
+    text_config = dict(SD2_TEXT_ENCODER_CONFIG, bos_token_id=vocab[BOS_TOKEN], eos_token_id=vocab[EOS_TOKEN],
+                       pad_token_id=vocab[EOS_TOKEN])
+    return {
+        "unet": seeded(0, lambda: UNet2DConditionModel(**SD2_DEPTH_UNET_CONFIG)),
+        "vae": seeded(1, lambda: AutoencoderKL(**SD2_VAE_CONFIG)),
+        "text_encoder": seeded(2, lambda: CLIPTextModel(CLIPTextConfig(**text_config))),
+        "depth_estimator": seeded(3, depth_estimator),
+    }
+
+
+def save_full_size_pipeline(path, seed: int = 0) -> pathlib.Path:
+    """Save a random stable-diffusion-2-depth at its real sizes (~5.5 GB of fp32 safetensors).
+
+    Same folder layout and offline tokenizer as :func:`save_tiny_pipeline`; the DPT-Hybrid feature
+    extractor works at 384x384. Components are built and written one at a time, so the peak
+    memory is about the UNet's 3.5 GB. The weights depend only on ``seed``. Returns the folder.
+    """
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with quiet_loading():
+        from diffusers import DDIMScheduler
+        from transformers import CLIPTokenizer, DPTImageProcessor
+
+        for name, build in _full_size_builders("cpu", seed).items():
+            module = build()
+            module.save_pretrained(path / name, safe_serialization=True, max_shard_size="10GB")
+            del module
+        save_tiny_tokenizer(path / "tokenizer")
+        CLIPTokenizer.from_pretrained(path / "tokenizer")  # the files load
+        DDIMScheduler(**SD2_SCHEDULER_CONFIG).save_pretrained(path / "scheduler")
+        DPTImageProcessor(
+            do_resize=True,
+            size={"height": 384, "width": 384},
+            keep_aspect_ratio=False,
+            do_rescale=True,
+            do_normalize=True,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        ).save_pretrained(path / "feature_extractor")
+    index = {
+        "_class_name": "StableDiffusionDepth2ImgPipeline",
+        "_diffusers_version": _diffusers_version(),
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "depth_estimator": ["transformers", "DPTForDepthEstimation"],
+        "feature_extractor": ["transformers", "DPTImageProcessor"],
+    }
+    write_json(path / "model_index.json", index)
+    return path
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
 # -- the sample clip: a ray-cast toy scene --------------------------------------------------------
 # A camera 1 unit above a checkered floor looks along +Z (Y is up). A near red ball bounces from
 # left to right, passing in front of a yellow pillar (middle distance) and a blue box (far) that

@@ -228,13 +228,15 @@ def training_loss(video_unet, scheduler, batch: dict[str, torch.Tensor], generat
 
 def tune(config: TuneConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
     """Tune the inflated UNet on one clip; returns RUN_DIR. See the module docstring for its files."""
-    from depthvid.loading import load_base_model
+    from depthvid.loading import ENCODERS, load_base_model
+    from depthvid.memory import return_freed_tensors_to_the_system, tuning_plan
     from depthvid.models import inflate_unet, mark_trainable, save_adapter
     from depthvid.video import load_video, write_video
     from depthvid.depth import export_depth_video
 
     run_dir = Path(run_dir)
     config.validate()
+    return_freed_tensors_to_the_system()
     device = pick_device(config.device)
     dtype = autocast_dtype(config.precision, device)
     if resume:
@@ -249,22 +251,28 @@ def tune(config: TuneConfig, run_dir: str | Path, *, resume: bool = False, progr
 
     frames = load_video(config.video, config.frames, config.height, config.width,
                         sample=config.sample, start=config.start, stride=config.stride)
-    base = load_base_model(config.model, device)
+    cache_path = run_dir / CACHE_FILE
+    cached = resume and cache_path.is_file()
+    # phase 1, the encoders (VAE, text encoder, DPT): only to build the cache, then released
+    encoders = load_base_model(config.model, device, networks=() if cached else ENCODERS)
     run_dir.mkdir(parents=True, exist_ok=True)
     run = {"config": config.to_dict(), "base_model": config.model, "versions": versions(), "steps_done": 0}
 
     # -- cache: computed once, reused by every step and by `depthvid edit`
-    cache_path = run_dir / CACHE_FILE
-    if resume and cache_path.is_file():
+    if cached:
         cache = load_file(str(cache_path))
     else:
-        cache = prepare_cache(base, config, frames)
+        cache = prepare_cache(encoders, config, frames)
         save_tensors(cache_path, cache)
         write_video(cache["frames"].float() / 255, run_dir / "source.mp4")
         export_depth_video(cache["depth"][0].transpose(0, 1), run_dir / "depth.mp4", size=tuple(frames.shape[-2:]))
-    batch = {key: cache[key].to(device) for key in ("latents", "depth", "prompt_embeds")}
+    encoders.release(*ENCODERS)
+    del frames
+    batch = {key: cache.pop(key).to(device) for key in ("latents", "depth", "prompt_embeds")}
+    del cache
 
-    # -- model: inflate, freeze all but the trainable set, keep that set in fp32
+    # phase 2, the UNet: inflate, freeze all but the trainable set, keep that set in fp32
+    base = load_base_model(config.model, device, networks=("unet",))
     torch.manual_seed(config.seed)  # the temporal layers' random init
     video_unet = inflate_unet(base.unet)
     trainable = mark_trainable(video_unet)
@@ -272,7 +280,11 @@ def tune(config: TuneConfig, run_dir: str | Path, *, resume: bool = False, progr
         for param in video_unet.parameters():
             if not param.requires_grad:
                 param.data = param.data.to(dtype)
-    use_checkpointing = device.type == "cuda" if config.gradient_checkpointing is None else config.gradient_checkpointing
+    use_checkpointing = config.gradient_checkpointing
+    if use_checkpointing is None:  # from the work's size and the memory left with the model loaded
+        plan = tuning_plan(base.unet.config, config.frames, config.height, config.width, dtype=dtype, device=device)
+        use_checkpointing = plan.gradient_checkpointing
+    run["gradient_checkpointing"] = use_checkpointing
     if use_checkpointing:
         video_unet.enable_gradient_checkpointing()
     video_unet.train()

@@ -177,3 +177,52 @@ def test_sample_clip_ball_occludes_the_pillar():
     ball_depth = depth[middle, 0][ball[middle] & columns[None, :]]
     pillar_depth = depth[middle, 0][pillar[middle]]
     assert ball_depth.min() > pillar_depth.max()
+
+
+# -- full-size stable-diffusion-2-depth, on the meta device ------------------------------------------
+
+
+def test_full_size_components_have_sd2_depth_sizes():
+    from depthvid.testing import full_size_components
+
+    models = full_size_components("meta")
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    assert {p.device.type for m in models.values() for p in m.parameters()} == {"meta"}
+    # SD2's UNet has 865,910,724 parameters; the depth channel adds 320 x 3 x 3 to conv_in
+    assert counts["unet"] == 865_910_724 + 320 * 9
+    assert counts["vae"] == 83_653_863  # SD's AutoencoderKL
+    assert counts["text_encoder"] == 340_387_840  # OpenCLIP ViT-H/14's text tower, 23 layers
+    assert 120e6 < counts["depth_estimator"] < 125e6  # DPT-Hybrid (BiT stem + ViT-B/16)
+    unet, text_encoder = models["unet"].config, models["text_encoder"].config
+    assert unet.in_channels == 5 and unet.cross_attention_dim == text_encoder.hidden_size == 1024
+    assert text_encoder.num_hidden_layers == 23
+    assert models["depth_estimator"].config.is_hybrid
+
+
+def test_full_size_folder_layout_loads(tmp_path, monkeypatch):
+    # the real sizes take 5.5 GB: write the same folder with tiny components in their place
+    import depthvid.testing as testing
+    from depthvid.loading import load_base_model
+
+    tiny = dict(
+        unet=testing.tiny_unet_config(), vae=testing.tiny_vae_config(), text=testing._tiny_text_config(),
+        dpt=testing.tiny_dpt_config(),
+    )
+
+    def tiny_builders(device, seed):
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, DPTConfig, DPTForDepthEstimation
+
+        return {
+            "unet": lambda: UNet2DConditionModel(**tiny["unet"]),
+            "vae": lambda: AutoencoderKL(**tiny["vae"]),
+            "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**tiny["text"])),
+            "depth_estimator": lambda: DPTForDepthEstimation(DPTConfig(**tiny["dpt"])),
+        }
+
+    monkeypatch.setattr(testing, "_full_size_builders", tiny_builders)
+    folder = testing.save_full_size_pipeline(tmp_path / "full")
+    base = load_base_model(str(folder))
+    assert base.vae_scale_factor == 8 and base.unet.config.in_channels == 5
+    assert base.feature_extractor.size == {"height": 384, "width": 384}
+    assert base.tokenizer("a cat").input_ids[0] == testing.tiny_vocab()[testing.BOS_TOKEN]

@@ -19,8 +19,9 @@ def check_video_attention_inputs(q, k, v, num_frames: int, name: str) -> None:
         raise ValueError(f"{name}: num_frames={num_frames} must be >= 1 and divide q.shape[0]={q.shape[0]}")
 
 
-def sparse_causal_attention_torch(q, k, v, num_frames: int, scale: float) -> torch.Tensor:
-    """Reference: SDPA of each frame against frame 0 (frames 0, 1) or cat(frame 0, frame f-1)."""
+def sparse_causal_attention_concat(q, k, v, num_frames: int, scale: float) -> torch.Tensor:
+    """Tune-A-Video's formulation: SDPA of each frame against cat(frame 0, frame f-1) (frame 0 for
+    frames 0 and 1). Materialises the concatenated keys/values; the reference for the LSE merge."""
     batch = q.shape[0] // num_frames
     # (B*F, H, N, D) -> (B, F, H, N, D)
     q5, k5, v5 = (t.unflatten(0, (batch, num_frames)) for t in (q, k, v))
@@ -41,6 +42,94 @@ def sparse_causal_attention_torch(q, k, v, num_frames: int, scale: float) -> tor
         values = torch.cat([first_v, v5[:, 1:-1]], dim=-2)
         outs.append(attend(q5[:, 2:], keys, values))
     return torch.cat(outs, dim=1).flatten(0, 1)
+
+
+_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _first_frame(t: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(B*F, H, N, D) -> frame 0 of each video broadcast to every frame: a stride-0 view, no copy."""
+    batch = t.shape[0] // num_frames
+    return t.unflatten(0, (batch, num_frames))[:, :1].expand(-1, num_frames, -1, -1, -1).flatten(0, 1)
+
+
+def _frames(t: torch.Tensor, num_frames: int, first: int, last: int) -> torch.Tensor:
+    """Frames first..last-1 of every video: (B*F, ...) -> (B*(last-first), ...); a view when B == 1."""
+    return t.unflatten(0, (-1, num_frames))[:, first:last].flatten(0, 1)
+
+
+class SparseCausalAttnLSEFunction(torch.autograd.Function):
+    """Sparse-causal attention on CPU as two flash-attention calls merged by log-sum-exp.
+
+    Block A: every frame's queries against frame 0's keys. Block B: the queries of frames f >= 2
+    against frame f-1's keys. Softmax over the union of both key sets is exact when the blocks'
+    normalised outputs are weighted by their share of the total exponential mass:
+    ``lse = logaddexp(lse_a, lse_b)``, ``out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse)``.
+    Backward gives each block the merged out and lse (so its softmax rows are the full rows) and
+    sums the blocks' gradients: the ring-attention pattern. No (2N)-long key tensor is ever built.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, num_frames: int, scale: float):
+        out, lse = _flash_fwd(q, _first_frame(k, num_frames), _first_frame(v, num_frames), scale=scale)
+        if num_frames > 2:
+            out_b, lse_b = _flash_fwd(
+                _frames(q, num_frames, 2, num_frames),
+                _frames(k, num_frames, 1, num_frames - 1),
+                _frames(v, num_frames, 1, num_frames - 1),
+                scale=scale,
+            )
+            # -- merge frames f >= 2 in fp32 (at least): (B*(F-2), H, N[, D]) blocks of the (B*F, ...) results
+            out_a, lse_a = _frames(out, num_frames, 2, num_frames), _frames(lse, num_frames, 2, num_frames)
+            merged_lse = torch.logaddexp(lse_a, lse_b)
+            wide = torch.promote_types(out.dtype, torch.float32)
+            merged = out_a.to(wide) * (lse_a - merged_lse).exp().unsqueeze(-1)
+            merged += out_b.to(wide) * (lse_b - merged_lse).exp().unsqueeze(-1)
+            out, lse = out.clone(), lse.clone()  # _frames is a copy when batch > 1: write via views
+            out.unflatten(0, (-1, num_frames))[:, 2:] = merged.to(out.dtype).unflatten(0, (-1, num_frames - 2))
+            lse.unflatten(0, (-1, num_frames))[:, 2:] = merged_lse.unflatten(0, (-1, num_frames - 2))
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.num_frames, ctx.scale = num_frames, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        num_frames, scale = ctx.num_frames, ctx.scale
+        batch = q.shape[0] // num_frames
+        grad_out = grad_out.contiguous()
+        # -- block A: every frame against frame 0; frame 0's dk/dv sum over the frames that read it
+        dq, dk_a, dv_a = _flash_bwd(
+            grad_out, q, _first_frame(k, num_frames), _first_frame(v, num_frames), out, lse, 0.0, False, scale=scale
+        )
+        dk = torch.zeros_like(k)
+        dv = torch.zeros_like(v)
+        # (B*F, H, N, D) -> (B, F, H, N, D)
+        dq5, dk5, dv5 = (t.unflatten(0, (batch, num_frames)) for t in (dq, dk, dv))
+        dk5[:, 0] = dk_a.unflatten(0, (batch, num_frames)).sum(1)
+        dv5[:, 0] = dv_a.unflatten(0, (batch, num_frames)).sum(1)
+        if num_frames > 2:
+            # -- block B: frames f >= 2 against frame f-1
+            def later(t):
+                return _frames(t, num_frames, 2, num_frames)
+
+            dq_b, dk_b, dv_b = _flash_bwd(
+                later(grad_out), later(q), _frames(k, num_frames, 1, num_frames - 1),
+                _frames(v, num_frames, 1, num_frames - 1), later(out), later(lse), 0.0, False, scale=scale,
+            )
+            dq5[:, 2:] += dq_b.unflatten(0, (batch, num_frames - 2))
+            dk5[:, 1:-1] += dk_b.unflatten(0, (batch, num_frames - 2))
+            dv5[:, 1:-1] += dv_b.unflatten(0, (batch, num_frames - 2))
+        return dq, dk, dv, None, None
+
+
+def sparse_causal_attention_torch(q, k, v, num_frames: int, scale: float) -> torch.Tensor:
+    """The torch backend: the exact log-sum-exp merge of two flash calls on CPU (see
+    :class:`SparseCausalAttnLSEFunction`), the concatenated formulation elsewhere."""
+    if q.device.type == "cpu":
+        return SparseCausalAttnLSEFunction.apply(q, k, v, num_frames, scale)
+    return sparse_causal_attention_concat(q, k, v, num_frames, scale)
 
 
 def sparse_causal_attention(q, k, v, num_frames: int, scale: float | None = None, backend: str | None = None):

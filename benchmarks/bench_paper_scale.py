@@ -1,0 +1,207 @@
+"""Benchmark at paper scale: the full-size SD2-depth architecture (random weights), 8 frames of 512x512.
+
+Not in CI (it needs ~6 GB of disk, up to ~12 GB of memory and several minutes per measurement).
+Every measurement runs in a fresh process, one at a time, and reports its wall time, its CPU time
+(user + system: steadier than wall time when other work shares the cores) and the whole process's
+peak RSS (VmHWM):
+
+  step   the model-only tuning step: inflated UNet, checkpointing as `depthvid tune` picks it,
+         noise-prediction + temporal loss, backward, AdamW step (latents, depth, text given)
+  tune   `depthvid tune CLIP --model FULL --steps 1` with default options (the whole CLI)
+  edit   `depthvid edit RUN --prompt A --prompt B --steps 2` on that run
+
+each for two formulations of the sparse-causal attention:
+
+  depthvid  the torch backend on CPU: two flash-attention calls merged by log-sum-exp
+  concat    Tune-A-Video's formulation: keys/values of frames 0 and f-1 concatenated (2N tokens)
+
+Run:
+  .venv/bin/python benchmarks/bench_paper_scale.py all [--model DIR] [--what step,tune,edit]
+  .venv/bin/pytest benchmarks/bench_paper_scale.py --benchmark-enable   (with DEPTHVID_FULL_MODEL=DIR)
+DIR defaults to ./.paper-scale/sd2-depth-full and is built on first use (save_full_size_pipeline).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FRAMES, SIZE = 8, 512
+VARIANTS = ("depthvid", "concat")
+DEFAULT_MODEL_DIR = Path(".paper-scale/sd2-depth-full")
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (VmHWM), in GiB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 2**20
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far: on a shared machine, steadier than wall time."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def use_variant(variant: str) -> None:
+    """Route the CPU torch backend of sparse-causal attention to ``variant``'s formulation."""
+    from depthvid.ops import sparse_causal_attn
+
+    if variant == "concat":
+        sparse_causal_attn.sparse_causal_attention_torch = sparse_causal_attn.sparse_causal_attention_concat
+    elif variant != "depthvid":
+        raise SystemExit(f"variant {variant!r}: expected one of {VARIANTS}")
+
+
+def ensure_model(model_dir: Path) -> Path:
+    if not (model_dir / "model_index.json").is_file():
+        from depthvid.testing import save_full_size_pipeline
+
+        print(f"building the full-size random SD2-depth in {model_dir} (~5.5 GB)...", file=sys.stderr)
+        save_full_size_pipeline(model_dir)
+    return model_dir
+
+
+def model_step(model_dir: str, precision: str, checkpointing: str) -> dict:
+    """One tuning step of the inflated full-size UNet on given latents (no VAE, DPT, text encoder)."""
+    import torch
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from depthvid.memory import return_freed_tensors_to_the_system, tuning_plan
+    from depthvid.models import inflate_unet, mark_trainable
+    from depthvid.testing import SD2_SCHEDULER_CONFIG
+    from depthvid.tuning import autocast, training_loss
+
+    return_freed_tensors_to_the_system()  # as `depthvid tune` does
+    latent = SIZE // 8
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    video_unet = inflate_unet(unet)
+    mark_trainable(video_unet)
+    plan = tuning_plan(video_unet.config, frames=FRAMES, height=SIZE, width=SIZE)
+    use_checkpointing = plan.gradient_checkpointing if checkpointing == "auto" else checkpointing == "on"
+    if use_checkpointing:
+        video_unet.enable_gradient_checkpointing()
+    video_unet.train()
+    params = [p for p in video_unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "latents": torch.randn(1, 4, FRAMES, latent, latent, generator=generator),
+        "depth": torch.rand(1, 1, FRAMES, latent, latent, generator=generator) * 2 - 1,
+        "prompt_embeds": torch.randn(1, 77, video_unet.config.cross_attention_dim, generator=generator),
+    }
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    scheduler = DDIMScheduler(**SD2_SCHEDULER_CONFIG)
+    started, cpu_started = time.perf_counter(), cpu_seconds()
+    with autocast(torch.device("cpu"), dtype):
+        loss, _, _ = training_loss(video_unet, scheduler, batch, generator, temporal_weight=0.01)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds() - cpu_started,
+            "loss": loss.item(), "checkpointing": use_checkpointing}
+
+
+def cli(argv: list[str]) -> dict:
+    from depthvid.cli import main
+
+    started, cpu_started = time.perf_counter(), cpu_seconds()
+    status = main(argv)
+    if status:
+        raise SystemExit(f"depthvid {' '.join(argv)}: exit status {status}")
+    return {"seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds() - cpu_started}
+
+
+def measure(what: str, variant: str, model_dir: str, work_dir: str, precision: str, checkpointing: str) -> dict:
+    """Run one measurement in this process; returns its figures with the process's peak RSS."""
+    use_variant(variant)
+    work = Path(work_dir)
+    run_dir = work / f"run-{variant}"
+    if what == "step":
+        result = model_step(model_dir, precision, checkpointing)
+    elif what == "tune":
+        from depthvid.testing import make_sample_clip
+        from depthvid.video import write_video
+
+        clip = work / "clip.mp4"
+        if not clip.exists():
+            write_video(make_sample_clip(FRAMES, SIZE, SIZE), clip, fps=8)
+        result = cli(["tune", str(clip), "--prompt", "a red ball bounces past a pillar", "-o", str(run_dir),
+                      "--model", model_dir, "--steps", "1", "--frames", str(FRAMES), "--quiet"])
+    elif what == "edit":
+        result = cli(["edit", str(run_dir), "--prompt", "a blue ball", "--prompt", "a golden ball", "--steps", "2",
+                      "-o", str(work / f"edit-{variant}.mp4"), "--quiet"])
+    else:
+        raise SystemExit(f"what {what!r}: expected step, tune or edit")
+    return {"what": what, "variant": variant, **result, "peak_rss_gb": peak_rss_gb()}
+
+
+def measure_in_subprocess(what, variant, model_dir, work_dir, precision="fp32", checkpointing="auto") -> dict:
+    command = [sys.executable, __file__, "one", what, variant, "--model", str(model_dir), "--work", str(work_dir),
+               "--precision", precision, "--checkpointing", checkpointing]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode:
+        return {"what": what, "variant": variant, "error": result.stderr.strip().splitlines()[-1:]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def measure_all(model_dir: Path, whats: list[str], variants=VARIANTS, precision="fp32") -> list[dict]:
+    ensure_model(model_dir)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="depthvid-paper-scale-") as work:
+        for variant in variants:  # one process at a time: the measurements are memory-bound
+            for what in whats:
+                result = measure_in_subprocess(what, variant, model_dir, work, precision)
+                print(json.dumps(result), file=sys.stderr)
+                results.append(result)
+    return results
+
+
+def test_paper_scale(benchmark):
+    import pytest
+
+    model_dir = os.environ.get("DEPTHVID_FULL_MODEL")
+    if not model_dir:
+        pytest.skip("set DEPTHVID_FULL_MODEL=DIR (a full-size folder; built there if missing) to run at paper scale")
+    results = measure_all(Path(model_dir), ["step", "tune", "edit"])
+    for result in results:
+        for key in ("seconds", "cpu_seconds", "peak_rss_gb"):
+            if key in result:
+                benchmark.extra_info[f"{result['what']}_{result['variant']}_{key}"] = result[key]
+    benchmark.pedantic(lambda: None, rounds=1)  # the figures are in extra_info
+    assert all("error" not in result for result in results), results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=("all", "one"))
+    parser.add_argument("what", nargs="?", help="one: step, tune or edit")
+    parser.add_argument("variant", nargs="?", default="depthvid", choices=VARIANTS)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
+    parser.add_argument("--work", help="one: folder for the clip, run and edits")
+    parser.add_argument("--what", default="step,tune,edit", help="all: comma-separated measurements")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--checkpointing", default="auto", choices=("auto", "on", "off"))
+    args = parser.parse_args()
+    if args.mode == "one":
+        print(json.dumps(measure(args.what, args.variant, args.model, args.work, args.precision, args.checkpointing)))
+        return
+    results = measure_all(Path(args.model), args.what.split(","), args.variants.split(","), args.precision)
+    print("| measurement | formulation | wall s | CPU s | peak RSS (GiB) |\n|---|---|---|---|---|")
+    for r in results:
+        figures = (f"{r['seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['peak_rss_gb']:.2f}" if "error" not in r
+                   else f"failed: {r['error']} | |")
+        print(f"| {r['what']} | {r['variant']} | {figures} |")
+
+
+if __name__ == "__main__":
+    main()
