@@ -136,6 +136,8 @@ class FrameSplit:
         Differentiable: one all_to_all per call, whose backward returns each frame's gradient to
         its owner, summed over the ranks that used it.
         """
+        if not self.is_parallel:
+            return x.narrow(dim, 0, 0)
         needed = [self._needed_frames(r, first) for r in range(self.world_size)]
         owner = {f: r for r, w in enumerate(self.windows) for f in w}
         start = self.window.start
