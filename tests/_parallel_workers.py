@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -24,6 +27,25 @@ def launcher_env(rank: int, world: int, init_file) -> dict[str, str]:
     """What torchrun would set, with a file rendezvous instead of its TCP store."""
     return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
             "DEPTHVID_INIT_METHOD": f"file://{init_file}", "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def launch(world: int, args: list[str], tmp_path, check: bool = True) -> list[subprocess.CompletedProcess]:
+    """``python -m depthvid ARGS`` on ``world`` ranks, with the environment torchrun would give them."""
+    tag = uuid.uuid4().hex
+    logs = [(tmp_path / f"rank{rank}-{tag}.out", tmp_path / f"rank{rank}-{tag}.err") for rank in range(world)]
+    procs = []
+    for rank, (out, err) in enumerate(logs):  # files, not pipes: a full pipe would stall a rank
+        env = {**os.environ, **launcher_env(rank, world, tmp_path / f"rendezvous-{tag}"), "OMP_NUM_THREADS": "1"}
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            procs.append(subprocess.Popen([sys.executable, "-m", "depthvid", *args], env=env, text=True,
+                                          stdout=stdout, stderr=stderr))
+    results = []
+    for proc, (out, err) in zip(procs, logs):
+        proc.wait(timeout=900)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(), err.read_text()))
+    for rank, result in enumerate(results):
+        assert result.returncode == 0 or not check, f"rank {rank}: {result.stderr[-3000:]}"
+    return results
 
 
 def run_checks(rank: int, world: int, init_file: str, unet_cases, op_cases) -> None:

@@ -1,10 +1,6 @@
 """Frame parallelism on gloo: split frames over 2 and 3 processes == one process, forward and backward."""
 import json
-import os
 import shutil
-import subprocess
-import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -77,23 +73,6 @@ def test_three_ranks_equal_one_process(tmp_path):
 FRAMES, SIZE = 5, 64
 
 
-def launch(world: int, args: list[str], tmp_path) -> list[subprocess.CompletedProcess]:
-    """``python -m depthvid ARGS`` on ``world`` ranks, with the environment torchrun would give them."""
-    rendezvous = tmp_path / f"rendezvous-{uuid.uuid4().hex}"
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, **_parallel_workers.launcher_env(rank, world, rendezvous), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "depthvid", *args], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=900)
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    for rank, result in enumerate(results):
-        assert result.returncode == 0, f"rank {rank}: {result.stderr[-3000:]}"
-    return results
-
-
 def read_frames(folder: Path) -> torch.Tensor:
     """Every frame folder of an edit, side by side: (F, 3, H, W * columns)."""
     return torch.cat([load_video(path, None, None, None) for path in sorted(folder.iterdir()) if path.is_dir()], -1)
@@ -105,7 +84,7 @@ def test_tune_on_two_ranks_and_edit_on_three_equal_one_process(tiny_pipeline_dir
                  "--steps", "2", "--checkpoint-every", "2", "--lr", "1e-3", "--temporal-loss-weight", "1",
                  "--quiet", "-o"]
     assert main([*tune_args, str(tmp_path / "single")]) == 0
-    ranks = launch(2, [*tune_args, str(tmp_path / "two-ranks")], tmp_path)
+    ranks = _parallel_workers.launch(2, [*tune_args, str(tmp_path / "two-ranks")], tmp_path)
     assert "frame-parallel: 2 ranks, frames 0-2 | 3-4" in ranks[0].stderr
     assert "frame-parallel" not in ranks[1].stderr and "tuned:" not in ranks[1].stdout
 
@@ -127,7 +106,7 @@ def test_tune_on_two_ranks_and_edit_on_three_equal_one_process(tiny_pipeline_dir
     edit_args = ["--prompt", "a glass marble", "--steps", "2", "--guidance", "7.5", "--eta", "0.5", "--seed", "3",
                  "--quiet", "-o"]
     assert main(["edit", str(tmp_path / "single"), *edit_args, str(tmp_path / "edit-single")]) == 0
-    ranks = launch(3, ["edit", str(tmp_path / "single-copy"), *edit_args, str(tmp_path / "edit-ranks")], tmp_path)
+    ranks = _parallel_workers.launch(3, ["edit", str(tmp_path / "single-copy"), *edit_args, str(tmp_path / "edit-ranks")], tmp_path)
     assert "frame-parallel: 3 ranks, frames 0-1 | 2-3 | 4-4" in ranks[0].stderr
     assert "wrote" in ranks[0].stdout and not ranks[1].stdout and not ranks[2].stdout
 
@@ -136,5 +115,5 @@ def test_tune_on_two_ranks_and_edit_on_three_equal_one_process(tiny_pipeline_dir
     torch.testing.assert_close(load_file(str(ranks_inversion))["latents"], load_file(str(single_inversion))["latents"],
                                atol=1e-5, rtol=1e-4)
     single_frames, ranks_frames = read_frames(tmp_path / "edit-single"), read_frames(tmp_path / "edit-ranks")
-    assert single_frames.shape == ranks_frames.shape and single_frames.shape[1] == FRAMES
+    assert single_frames.shape == ranks_frames.shape and single_frames.shape[0] == FRAMES
     assert (single_frames - ranks_frames).abs().max() <= 1 / 255 + 1e-6  # PNGs: at most one level of rounding

@@ -123,10 +123,11 @@ def shard_video_unet(video_unet: VideoUNet, split: FrameSplit) -> VideoUNet:
     """
     if not split.is_parallel:
         return video_unet
-    swaps = {SparseCausalAttnProcessor: FrameParallelSparseCausalAttnProcessor,
-             TemporalAttnProcessor: FrameParallelTemporalAttnProcessor}
     for module in video_unet.modules():
         processor = getattr(module, "processor", None)
-        if type(processor) in swaps:
-            module.set_processor(swaps[type(processor)](split))
+        # a model sharded before (another frame count) is sharded again with this split
+        if isinstance(processor, SparseCausalAttnProcessor):
+            module.set_processor(FrameParallelSparseCausalAttnProcessor(split))
+        elif isinstance(processor, TemporalAttnProcessor):
+            module.set_processor(FrameParallelTemporalAttnProcessor(split))
     return video_unet
