@@ -88,8 +88,11 @@ def check_op(name: str, frames: int, batch: int, tokens: int, *, rank: int, worl
                                    msg=lambda m: f"{label} d{what}: {m}")
 
 
-def check_video_unet(frames: int, batch: int, *, rank: int, world: int) -> None:
-    """The tiny SD2-depth-shaped VideoUNet: frame-parallel output and summed trainable grads == single process."""
+def check_video_unet(frames: int, batch: int, checkpointing: bool = False, *, rank: int, world: int) -> None:
+    """The tiny SD2-depth-shaped VideoUNet: frame-parallel output and summed trainable grads == single process.
+
+    With ``checkpointing`` the sharded model recomputes its blocks (collectives included) in backward.
+    """
     torch.manual_seed(0)
     from diffusers import UNet2DConditionModel
 
@@ -112,12 +115,15 @@ def check_video_unet(frames: int, batch: int, *, rank: int, world: int) -> None:
     split = FrameSplit(frames, rank, world)
     sharded = shard_video_unet(copy.deepcopy(video_unet), split)
     sharded.zero_grad(set_to_none=True)
+    if checkpointing:
+        sharded.enable_gradient_checkpointing()
+        sharded.train()
     out = sharded(split.shard(sample), timestep, text)
     (out * split.shard(weight)).sum().backward()
     params = trainable_parameters(sharded)
     split.all_reduce_grads(params.values())
 
-    label = f"VideoUNet frames={frames} batch={batch} windows={split.describe()} rank {rank}"
+    label = f"VideoUNet frames={frames} batch={batch} checkpointing={checkpointing} windows={split.describe()} rank {rank}"
     torch.testing.assert_close(out, split.shard(expected), **FP32, msg=lambda m: f"{label}: {m}")
     torch.testing.assert_close(split.gather(out), expected, **FP32, msg=lambda m: f"{label} gathered: {m}")
     assert expected_grads.keys() == params.keys()

@@ -35,6 +35,7 @@ def test_three_jobs_on_two_ranks_run_once_resume_and_survive_a_bad_video(tiny_pi
                  str(tiny_pipeline_dir), "--frames", "2", "--height", "64", "--width", "64", "--steps", "1",
                  "--checkpoint-every", "1", "--lr", "1e-3", "--quiet"]) == 0
     first_step = (out / "ball" / "run" / "loss.jsonl").read_text()
+    capsys.readouterr()
 
     ranks = launch(2, ["batch", str(jobs), "-o", str(out), "--quiet"], tmp_path, check=False)
     assert [r.returncode for r in ranks] == [1, 0]  # rank 0 reports the failed job

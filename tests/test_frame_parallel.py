@@ -60,7 +60,8 @@ OP_CASES = [
 
 
 def test_two_ranks_equal_one_process(tmp_path):
-    spawn(2, tmp_path, unet_cases=[(4, 1), (5, 2), (2, 1)], op_cases=OP_CASES)
+    # (frames, batch[, gradient checkpointing]): even, uneven with two videos, frame 0 alone
+    spawn(2, tmp_path, unet_cases=[(4, 1), (5, 2, True), (2, 1)], op_cases=OP_CASES)
 
 
 def test_three_ranks_equal_one_process(tmp_path):

@@ -92,9 +92,12 @@ class FrameSplit:
         largest = len(self.windows[0])
         pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, largest - x.shape[dim]]
         padded = torch.nn.functional.pad(x.detach(), pad).contiguous()  # all_gather needs equal shapes
+        if dist.get_backend(self.group) == "nccl":  # NCCL moves CUDA tensors only (decoded frames are on the CPU)
+            padded = padded.to(torch.device("cuda", torch.cuda.current_device()))
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded, group=self.group)
-        return torch.cat([part.narrow(dim, 0, len(w)) for part, w in zip(parts, self.windows)], dim=dim)
+        whole = torch.cat([part.narrow(dim, 0, len(w)) for part, w in zip(parts, self.windows)], dim=dim)
+        return whole.to(x.device)
 
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every rank (any picklable object; tensors come back on the CPU)."""
