@@ -302,8 +302,11 @@ def tune(config: TuneConfig, run_dir: str | Path, *, resume: bool = False, progr
                 param.data = param.data.to(dtype)
     use_checkpointing = config.gradient_checkpointing
     if use_checkpointing is None:  # from the work's size and the memory left with the model loaded
-        plan = tuning_plan(base.unet.config, config.frames, config.height, config.width, dtype=dtype, device=device)
-        use_checkpointing = plan.gradient_checkpointing
+        # a rank holds at most the first window's frames; rank 0 decides for all (every rank must
+        # recompute, collectives included, or none)
+        frames_here = len(split.windows[0])
+        plan = tuning_plan(base.unet.config, frames_here, config.height, config.width, dtype=dtype, device=device)
+        use_checkpointing = split.broadcast(plan.gradient_checkpointing)
     run["gradient_checkpointing"] = use_checkpointing
     if use_checkpointing:
         video_unet.enable_gradient_checkpointing()
