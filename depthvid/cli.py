@@ -67,6 +67,8 @@ def run_tune(args) -> int:
                 raise UserError(f"tune: {'VIDEO' if name == 'video' else '--prompt'} is required for a new run")
         config = TuneConfig(**given)
     run_dir = tune(config, args.run_dir, resume=args.resume, progress=not args.quiet)
+    if not _is_main_process():
+        return 0
     print(f"tuned: {run_dir} (edit it with: depthvid edit {run_dir} --prompt '...' -o edit.mp4)")
     return 0
 
@@ -106,6 +108,8 @@ def run_edit(args) -> int:
         precision=args.precision, device=args.device, evaluate=args.eval, clip_model=args.clip_model,
         progress=not args.quiet,
     )
+    if not _is_main_process():
+        return 0
     for prompt, path in zip(args.prompt, result.outputs):
         print(f"wrote {path}  ({prompt})")
     print(f"wrote {result.side_by_side}  (source | depth | edits)")
@@ -115,6 +119,30 @@ def run_edit(args) -> int:
         for metrics in result.metrics:
             print(format_result(metrics))
     return 0
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun launch (or the only process) prints the results."""
+    from depthvid.parallel import is_main_process
+
+    return is_main_process()
+
+
+def _batch_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "batch", help="tune and edit many clips; under torchrun the ranks share the jobs",
+        description="Run every job of JOBS (YAML or JSONL: clip, caption, tune options, edit prompts) into OUT. "
+                    "Finished jobs are skipped, interrupted ones resume, failures are recorded and the rest go on.")
+    p.add_argument("jobs", help="a .yaml/.yml or .jsonl file of jobs")
+    p.add_argument("-o", "--output", required=True, help="folder for the jobs' runs, edits and status")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(command=run_batch)
+
+
+def run_batch(args) -> int:
+    from depthvid.batch import run_batch as run
+
+    return run(args.jobs, args.output, progress=not args.quiet)
 
 
 def _demo_parser(subparsers) -> None:
@@ -147,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", required=True, parser_class=OneLineParser)
     _tune_parser(subparsers)
     _edit_parser(subparsers)
+    _batch_parser(subparsers)
     _demo_parser(subparsers)
     _eval_parsers(subparsers)
     return parser
@@ -176,6 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("depthvid: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """A torchrun launch joined a process group (depthvid.parallel): leave it cleanly."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -52,13 +52,21 @@ def ddim_invert(video_unet, scheduler_config, latents, depth, prompt_embeds, ste
 
 @torch.no_grad()
 def ddim_sample(video_unet, scheduler_config, noise, depth, prompt_embeds, uncond_embeds, steps: int,
-                guidance: float, eta: float = 0.0, generator=None, progress: bool = True):
+                guidance: float, eta: float = 0.0, generator=None, progress: bool = True, split=None):
     """Guided DDIM sampling of every prompt from the same starting noise.
 
     noise: (1, 4, F, h, w); prompt_embeds: (P, L, D); uncond_embeds: (1, L, D).
+    ``split`` (a depthvid.parallel.FrameSplit; default: one process) says which frames noise,
+    depth and the result hold; with eta > 0 the sampler's noise is drawn for all frames and
+    sharded, so every rank uses its part of the single-process draw.
     Returns latents (P, 4, F, h, w).
     """
     from diffusers import DDIMScheduler
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from depthvid.parallel import FrameSplit
+
+    split = FrameSplit(noise.shape[2]) if split is None else split
 
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(steps, device=noise.device)
@@ -72,7 +80,12 @@ def ddim_sample(video_unet, scheduler_config, noise, depth, prompt_embeds, uncon
         if guided:
             uncond, cond = noise_pred.chunk(2)
             noise_pred = uncond + guidance * (cond - uncond)
-        latents = scheduler.step(noise_pred, timestep, latents, eta=eta, generator=generator).prev_sample
+        variance_noise = None
+        if eta > 0:  # the scheduler's own draw, made for all frames: (P, 4, F, h, w)
+            shape = (*noise_pred.shape[:2], split.num_frames, *noise_pred.shape[3:])
+            variance_noise = split.shard(randn_tensor(shape, generator=generator, device=noise_pred.device,
+                                                      dtype=noise_pred.dtype))
+        latents = scheduler.step(noise_pred, timestep, latents, eta=eta, variance_noise=variance_noise).prev_sample
     return latents
 
 
@@ -150,6 +163,7 @@ def edit(
     from depthvid.loading import ENCODERS, decode_latents, encode_prompts, load_base_model
     from depthvid.memory import return_freed_tensors_to_the_system
     from depthvid.models import inflate_unet, load_adapter
+    from depthvid.parallel import frame_split, shard_video_unet
     from depthvid.video import load_video, make_grid, sample_frame_indices, write_video
 
     # -- check everything before loading anything
@@ -185,31 +199,34 @@ def edit(
     device = pick_device(device)
     dtype = autocast_dtype(precision, device)
     return_freed_tensors_to_the_system()
-    if evaluate:  # loaded first: a bad --clip-model fails before any compute, with nothing written
+    cache = load_file(str(run_dir / CACHE_FILE))
+    num_frames = frames if new_frames else cache["latents"].shape[2]
+    split = frame_split(num_frames, device)  # under torchrun: this rank's frames; rank 0 writes
+    progress = progress and split.is_main
+    if evaluate and split.is_main:  # loaded first: a bad --clip-model fails before any compute, with nothing written
         from depthvid.evaluate import evaluate_edit, load_models
         from depthvid.metrics import EvalOptions
 
         eval_options = EvalOptions(depth_model=config.model, **({"clip_model": clip_model} if clip_model else {}))
         eval_models = load_models(eval_options, with_depth=True)
 
-    # -- phase 1, the encoders: the prompts' embeddings, and a new cache for a new frame count
-    cache = load_file(str(run_dir / CACHE_FILE))
-    base = load_base_model(config.model, device, networks=ENCODERS if new_frames else ("text_encoder",))
+    # -- phase 1, the encoders: the prompts' embeddings, and a new cache for a new frame count (on rank 0)
+    build_cache = new_frames and split.is_main
+    base = load_base_model(config.model, device, networks=ENCODERS if build_cache else ("text_encoder",))
     timesteps = base.scheduler.config.num_train_timesteps
     if steps > timesteps:
         raise UserError(f"--steps {steps}: the model was trained with {timesteps} timesteps, DDIM can take at most "
                         f"that many; 50 is a good default")
     if new_frames:
-        source = video or config.video
-        clip = load_video(source, frames, config.height, config.width,
-                          sample=config.sample, start=config.start, stride=config.stride)
-        cache = prepare_cache(base, config, clip)
+        if build_cache:
+            clip = load_video(video or config.video, frames, config.height, config.width,
+                              sample=config.sample, start=config.start, stride=config.stride)
+        cache = split.broadcast(prepare_cache(base, config, clip) if build_cache else None)
     empty = encode_prompts(base, [negative_prompt]).to(device)
     prompt_embeds = encode_prompts(base, prompts).to(device)
     base.release(*ENCODERS)
     source_frames = cache["frames"].float() / 255  # (F, 3, H, W)
     latents = cache["latents"].to(device)
-    num_frames = latents.shape[2]
     depth = cache["depth"]
     if depth_video is not None:
         depth = load_depth_video(depth_video, num_frames, tuple(latents.shape[-2:]),
@@ -218,7 +235,7 @@ def edit(
 
     # -- phase 2, the UNet: base + inflation + the tuned weights (no optimiser state is read)
     base.unet = load_base_model(config.model, device, networks=("unet",)).unet
-    video_unet = inflate_unet(base.unet)
+    video_unet = shard_video_unet(inflate_unet(base.unet), split)
     load_adapter(video_unet, run_dir)
     video_unet.eval()
 
@@ -226,30 +243,36 @@ def edit(
     adapter_digest = hashlib.sha256((run_dir / "adapter.safetensors").read_bytes()).hexdigest()
     key = tensor_digest(adapter_digest, latents, depth, steps, str(dtype), negative_prompt, dict(base.scheduler.config))
     inversion_path = run_dir / INVERSION_DIR / f"{key}.safetensors"
-    inversion_cached = inversion_path.is_file()
+    inversion_cached = split.broadcast(inversion_path.is_file())
+    local_depth = split.shard(depth)
     with autocast(device, dtype):
         if inversion_cached:
-            noise = load_file(str(inversion_path))["latents"].to(device)
+            noise = split.shard(load_file(str(inversion_path))["latents"].to(device))
         else:
-            noise = ddim_invert(video_unet, base.scheduler.config, latents, depth, empty, steps, progress)
-            save_tensors(inversion_path, {"latents": noise.cpu()})
+            noise = ddim_invert(video_unet, base.scheduler.config, split.shard(latents), local_depth, empty, steps,
+                                progress)
+            whole = split.gather(noise)
+            if split.is_main:
+                save_tensors(inversion_path, {"latents": whole.cpu()})
         generator = torch.Generator(device).manual_seed(seed)
-        edited = ddim_sample(video_unet, base.scheduler.config, noise, depth, prompt_embeds, empty, steps,
-                             guidance, eta=eta, generator=generator, progress=progress)
+        edited = ddim_sample(video_unet, base.scheduler.config, noise, local_depth, prompt_embeds, empty, steps,
+                             guidance, eta=eta, generator=generator, progress=progress, split=split)
     del video_unet
     base.release("unet")
 
-    # -- phase 3, the VAE: decode
+    # -- phase 3, the VAE: decode this rank's frames, gathered on every rank
     base.vae = load_base_model(config.model, device, networks=("vae",)).vae
-    videos = decode_latents(base, edited)  # (P, F, 3, H, W)
+    videos = split.gather(decode_latents(base, edited), dim=1)  # (P, F, 3, H, W)
     base.release("vae")
 
+    result = EditResult(outputs=outputs, side_by_side=side_by_side, inversion_cached=inversion_cached)
+    if not split.is_main:
+        return result
     # -- outputs: one per prompt + source | depth | edits
     for path, frames_out in zip(outputs, videos):
         write_video(frames_out, path, fps=fps)
     grid = make_grid([source_frames, depth_to_frames(depth[0].transpose(0, 1).cpu()), *videos])
     write_video(grid, side_by_side, fps=fps)
-    result = EditResult(outputs=outputs, side_by_side=side_by_side, inversion_cached=inversion_cached)
     if evaluate:
         result.metrics = [
             evaluate_edit(str(path), prompt, options=eval_options, source_frames=source_frames, models=eval_models)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from depthvid.config import TuneConfig
 from depthvid import errors
 from depthvid.errors import UserError
 from depthvid.fileutil import atomic_path, check_writable, write_json
+from depthvid.parallel.frames import FrameSplit
 
 RUN_FILE = "run.json"
 CACHE_FILE = "cache.safetensors"
@@ -198,15 +200,23 @@ def truncate_loss_log(run_dir: Path, steps_done: int) -> None:
 # ---------------------------------------------------------------- loss
 
 
-def training_loss(video_unet, scheduler, batch: dict[str, torch.Tensor], generator, temporal_weight: float):
+def training_loss(video_unet, scheduler, batch: dict[str, torch.Tensor], generator, temporal_weight: float,
+                  split=None):
     """Noise-prediction MSE + temporal_weight * temporal loss on the predicted clean latents.
+
+    ``split`` (a depthvid.parallel.FrameSplit; default: one process) says which frames this
+    process holds; ``video_unet`` is sharded to match. Each rank returns its window's share, and
+    the shares sum to the single-process loss. The noise and timestep are drawn for the whole clip
+    on every rank, so they equal one process's.
 
     Returns (loss, mse, temporal) as 0-d tensors.
     """
-    latents, depth, prompt_embeds = batch["latents"], batch["depth"], batch["prompt_embeds"]
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    timestep = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-    timestep = timestep.to(latents.device)
+    clip, prompt_embeds = batch["latents"], batch["prompt_embeds"]  # clip: (B, C, F, h, w), all frames
+    noise = torch.randn(clip.shape, generator=generator).to(clip.device)
+    timestep = torch.randint(0, scheduler.config.num_train_timesteps, (clip.shape[0],), generator=generator)
+    timestep = timestep.to(clip.device)
+    split = FrameSplit(clip.shape[2]) if split is None else split
+    latents, noise, depth = (split.shard(t) for t in (clip, noise, batch["depth"]))
     noisy = scheduler.add_noise(latents, noise, timestep)
     prediction = video_unet(torch.cat([noisy, depth], dim=1), timestep, prompt_embeds).float()
 
@@ -217,9 +227,12 @@ def training_loss(video_unet, scheduler, batch: dict[str, torch.Tensor], generat
     else:
         target = noise
         clean = (noisy - (1 - alpha).sqrt() * prediction) / alpha.sqrt()
-    mse = F.mse_loss(prediction, target)
-    # (B, C, F, h, w): consecutive frames differ along dim 2
-    temporal = (clean[:, :, 1:] - clean[:, :, :-1]).pow(2).mean() if clean.shape[2] > 1 else mse.new_zeros(())
+    # means over the whole clip: this window's share of the sums; the pair (start-1, start) of
+    # consecutive frames needs the previous rank's last frame. (B, C, F, h, w): frames on dim 2
+    mse = (prediction - target).pow(2).sum() / clip.numel()
+    clean = torch.cat([split.context_frames(clean, dim=2, first=False), clean], dim=2)
+    pairs = clip.numel() // clip.shape[2] * (clip.shape[2] - 1)
+    temporal = (clean[:, :, 1:] - clean[:, :, :-1]).pow(2).sum() / max(pairs, 1)
     return mse + temporal_weight * temporal, mse, temporal
 
 
@@ -233,12 +246,14 @@ def tune(config: TuneConfig, run_dir: str | Path, *, resume: bool = False, progr
     from depthvid.models import inflate_unet, mark_trainable, save_adapter
     from depthvid.video import load_video, write_video
     from depthvid.depth import export_depth_video
+    from depthvid.parallel import frame_split, shard_video_unet
 
     run_dir = Path(run_dir)
     config.validate()
     return_freed_tensors_to_the_system()
     device = pick_device(config.device)
     dtype = autocast_dtype(config.precision, device)
+    split = frame_split(config.frames, device)  # under torchrun: this rank's frames; rank 0 writes
     if resume:
         previous, _ = read_run(run_dir)
         changed = config.changed_for_resume(previous)
@@ -248,24 +263,29 @@ def tune(config: TuneConfig, run_dir: str | Path, *, resume: bool = False, progr
     elif (run_dir / RUN_FILE).exists():
         raise UserError(f"-o {str(run_dir)!r} already holds a run; pass --resume to continue it or choose another folder")
     check_writable(run_dir / RUN_FILE, "-o")
+    split.barrier()  # every rank has checked RUN_DIR before rank 0 writes into it
 
     frames = load_video(config.video, config.frames, config.height, config.width,
                         sample=config.sample, start=config.start, stride=config.stride)
     cache_path = run_dir / CACHE_FILE
     cached = resume and cache_path.is_file()
-    # phase 1, the encoders (VAE, text encoder, DPT): only to build the cache, then released
-    encoders = load_base_model(config.model, device, networks=() if cached else ENCODERS)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # phase 1, the encoders (VAE, text encoder, DPT): only to build the cache, on rank 0, then released
+    encoders = load_base_model(config.model, device, networks=ENCODERS if split.is_main and not cached else ())
+    if split.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     run = {"config": config.to_dict(), "base_model": config.model, "versions": versions(), "steps_done": 0}
 
     # -- cache: computed once, reused by every step and by `depthvid edit`
     if cached:
         cache = load_file(str(cache_path))
     else:
-        cache = prepare_cache(encoders, config, frames)
-        save_tensors(cache_path, cache)
-        write_video(cache["frames"].float() / 255, run_dir / "source.mp4")
-        export_depth_video(cache["depth"][0].transpose(0, 1), run_dir / "depth.mp4", size=tuple(frames.shape[-2:]))
+        cache = None
+        if split.is_main:  # the clip's tensors then go to every rank
+            cache = prepare_cache(encoders, config, frames)
+            save_tensors(cache_path, cache)
+            write_video(cache["frames"].float() / 255, run_dir / "source.mp4")
+            export_depth_video(cache["depth"][0].transpose(0, 1), run_dir / "depth.mp4", size=tuple(frames.shape[-2:]))
+        cache = split.broadcast(cache)
     encoders.release(*ENCODERS)
     del frames
     batch = {key: cache.pop(key).to(device) for key in ("latents", "depth", "prompt_embeds")}
@@ -274,7 +294,7 @@ def tune(config: TuneConfig, run_dir: str | Path, *, resume: bool = False, progr
     # phase 2, the UNet: inflate, freeze all but the trainable set, keep that set in fp32
     base = load_base_model(config.model, device, networks=("unet",))
     torch.manual_seed(config.seed)  # the temporal layers' random init
-    video_unet = inflate_unet(base.unet)
+    video_unet = shard_video_unet(inflate_unet(base.unet), split)
     trainable = mark_trainable(video_unet)
     if dtype != torch.float32 and device.type == "cuda":
         for param in video_unet.parameters():
@@ -282,8 +302,11 @@ def tune(config: TuneConfig, run_dir: str | Path, *, resume: bool = False, progr
                 param.data = param.data.to(dtype)
     use_checkpointing = config.gradient_checkpointing
     if use_checkpointing is None:  # from the work's size and the memory left with the model loaded
-        plan = tuning_plan(base.unet.config, config.frames, config.height, config.width, dtype=dtype, device=device)
-        use_checkpointing = plan.gradient_checkpointing
+        # a rank holds at most the first window's frames; rank 0 decides for all (every rank must
+        # recompute, collectives included, or none)
+        frames_here = len(split.windows[0])
+        plan = tuning_plan(base.unet.config, frames_here, config.height, config.width, dtype=dtype, device=device)
+        use_checkpointing = split.broadcast(plan.gradient_checkpointing)
     run["gradient_checkpointing"] = use_checkpointing
     if use_checkpointing:
         video_unet.enable_gradient_checkpointing()
@@ -297,19 +320,23 @@ def tune(config: TuneConfig, run_dir: str | Path, *, resume: bool = False, progr
     step = 0
     if resume and (run_dir / CHECKPOINT_FILE).exists():
         step = load_checkpoint(run_dir, video_unet, optimizer, generator, scaler)
-    truncate_loss_log(run_dir, step)
+    if split.is_main:
+        truncate_loss_log(run_dir, step)
 
     def checkpoint(steps_done: int) -> None:
+        run["steps_done"] = steps_done
+        if not split.is_main:
+            return
         save_checkpoint(run_dir, steps_done, video_unet, optimizer, generator, scaler, config)
         save_adapter(video_unet, run_dir, base_model=config.model)
-        run["steps_done"] = steps_done
         write_json(run_dir / RUN_FILE, run)
         write_loss_curve(run_dir)
 
-    if step == 0:
+    if step == 0 and split.is_main:
         write_json(run_dir / RUN_FILE, run)
-    bar = tqdm(total=config.steps, initial=step, desc="tune", unit="step", disable=not progress, dynamic_ncols=True)
-    log = open(run_dir / LOSS_LOG, "a")
+    bar = tqdm(total=config.steps, initial=step, desc="tune", unit="step", disable=not (progress and split.is_main),
+               dynamic_ncols=True)
+    log = open(run_dir / LOSS_LOG, "a") if split.is_main else open(os.devnull, "w")
     started = time.perf_counter()
     out_of_memory = None
     step_rng = generator.get_state()  # restored when a step does not finish: its noise was not used
@@ -321,15 +348,17 @@ def tune(config: TuneConfig, run_dir: str | Path, *, resume: bool = False, progr
             # -- forward / loss
             with autocast(device, dtype):
                 loss, mse, temporal = training_loss(
-                    video_unet, base.scheduler, batch, generator, config.temporal_loss_weight
+                    video_unet, base.scheduler, batch, generator, config.temporal_loss_weight, split
                 )
-            if not math.isfinite(loss.item()):
+            totals = split.all_reduce(torch.stack([loss, mse, temporal]).detach().float())  # the whole clip's
+            if not math.isfinite(totals[0].item()):
                 raise TrainingDiverged(
-                    f"loss became {loss.item()} at step {step + 1}; stopped, the last good checkpoint "
+                    f"loss became {totals[0].item()} at step {step + 1}; stopped, the last good checkpoint "
                     f"(step {run['steps_done']}) is kept in {run_dir}; lower --lr or use --precision fp32"
                 )
             # -- backward, clip, step, zero_grad
             scaler.scale(loss).backward()
+            split.all_reduce_grads(params)  # each rank holds the gradient of its share of the loss
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             scaler.step(optimizer)
@@ -338,7 +367,7 @@ def tune(config: TuneConfig, run_dir: str | Path, *, resume: bool = False, progr
             step += 1
             step_rng = generator.get_state()
             # -- log
-            record = {"step": step, "loss": loss.item(), "mse": mse.item(), "temporal": temporal.item(),
+            record = {"step": step, "loss": totals[0].item(), "mse": totals[1].item(), "temporal": totals[2].item(),
                       "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 3)}
             log.write(json.dumps(record) + "\n")
             log.flush()
