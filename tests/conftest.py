@@ -3,6 +3,9 @@ import os
 # The Triton kernels run on CPU tensors through the interpreter; it must be set before
 # triton is imported anywhere.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The kernel tests compare each backend with torch themselves: a failed first-use self-check must not
+# quietly swap in the torch backend under them (tests/test_self_check.py turns it back on).
+os.environ.setdefault("DEPTHVID_SELF_CHECK", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
