@@ -593,7 +593,9 @@ def _frames_as_batch(x: torch.Tensor) -> torch.Tensor:
 def _prologue(x, num_groups, norm_weight, norm_bias, eps):
     """The forward's GroupNorm+SiLU (fp32 math, rounded to x's dtype): (B, C, F, H, W) -> same."""
     as_fp32 = [t.float() if t is not None else None for t in (norm_weight, norm_bias)]
-    h = F.silu(F.group_norm(_frames_as_batch(x).float(), num_groups, *as_fp32, eps)).to(x.dtype)
+    # contiguous: torch 2.13's CPU group_norm backward segfaults on a channels-last input that
+    # needs no gradient when its weight needs one
+    h = F.silu(F.group_norm(_frames_as_batch(x).float().contiguous(), num_groups, *as_fp32, eps)).to(x.dtype)
     # (B*F, C, H, W) -> (B, C, F, H, W)
     return h.unflatten(0, (-1, x.shape[2])).transpose(1, 2)
 
