@@ -72,6 +72,10 @@ def assert_matches_reference(q, k, v, grad_out, frames):
         error = (actual.double() - expected).abs().max().item()
         torch_error = (lowp.double() - expected).abs().max().item()
         bound = tol["factor"] * torch_error + tol["atol"]
+        if dtype == torch.bfloat16:
+            # the kernels really run in bf16 here, and the interpreter converts fp32 -> bf16 by
+            # truncation where a GPU rounds to nearest: up to one more ulp of the largest value
+            bound += torch.finfo(dtype).eps * expected.abs().max().item()
         assert error <= bound, f"{name}: max error {error:.3g} vs fp64 > {bound:.3g} (torch {dtype}: {torch_error:.3g})"
 
 

@@ -4,9 +4,11 @@ launcher makes it, which the GPU compile check rebuilds from meta tensors).
 
 Interpreter facts (TRITON_INTERPRET=1, triton 3.9, measured): fp16 loads, arithmetic and tl.dot
 are exact; bf16 loads and conversions are exact, but bf16 arithmetic and tl.dot on bf16 operands
-are silently wrong. So every kernel converts loaded tiles to fp32 before arithmetic, and a
-``FP32_DOT`` constexpr (set for bf16 under the interpreter, and for fp32 everywhere) upcasts the
-dot operands: bf16 data really is bf16 in memory and is rounded to bf16 where a GPU rounds it.
+are silently wrong, and fp32 -> bf16 conversions truncate (a GPU rounds to nearest even). So
+every kernel converts loaded tiles to fp32 before arithmetic, and a ``FP32_DOT`` constexpr (set
+for bf16 under the interpreter, and for fp32 everywhere) upcasts the dot operands: bf16 data
+really is bf16 in memory and is rounded to bf16 where a GPU rounds it (by truncation here, so
+bf16 tests allow one more ulp).
 """
 from __future__ import annotations
 
