@@ -46,14 +46,18 @@ SD has only three stride-2 convs.
 Launch shape: grid (pixel blocks of one frame, C_out blocks, B*F); one flat K loop over
 (tap, channel block), so a block never straddles two frames and the pipeliner sees one loop.
 Configs (``pick_conv_config``): BLOCK_M = 128, BLOCK_N = 128 or 64, BLOCK_K = 64 (fp16/bf16) or
-32 (fp32). Shared memory per block, compiled here for sm_80 and sm_90 (triton 3.9): 24-34 KB
-fp16/bf16, 48-81 KB fp32, against 163 KB / 227 KB.
+32 (fp32). Shared memory, registers and spills per configuration: ``python tests/gpu_binaries.py``.
+
+Layouts (what makes the main loop's loads 16 bytes wide): activations are read channels-last, so
+a tap's (pixels, channels) tile is contiguous along K and a tap shift moves by whole pixels (C
+elements); the launchers copy x (and grad_out) to channels-last only when it is not already, and
+write their outputs channels-last, so a chain of convs copies once. The weight is read from a
+(kh, kw, C_in, C_out) copy (:func:`gemm_weight`, made once per weight version), contiguous along
+C_out. Compiled for sm_80 with a real launch's specialisation, the fp16 forward's main loop is
+cp.async 16-byte copies feeding mma.sync (before: 2-byte scalar loads at strides 9 and 9*C_in).
 
 GPU notes (not timed: no GPU here). fp32 dots use input_precision="ieee" to match the fp32
-reference (slower than TF32 tensor cores). The weight tile is read through strides: for
-(C_out, C_in, 3, 3) storage the N direction is strided by C_in*9; a weight stored as
-(kh, kw, C_in, C_out) (pass ``w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)``) makes it
-contiguous without a kernel change. 8x8 frames (SD's deepest level) fill half a BLOCK_M tile.
+reference (slower than TF32 tensor cores). 8x8 frames (SD's deepest level) fill half a BLOCK_M tile.
 """
 from __future__ import annotations
 
