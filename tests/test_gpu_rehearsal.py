@@ -27,6 +27,8 @@ from depthvid.cli import main
 from depthvid.models.video_unet import VideoUNet
 from depthvid.triton_kernels import _common
 
+pytestmark = pytest.mark.slow  # minutes: every UNet pass runs ~40 interpreted kernel launches
+
 FRAMES, SIZE = 3, 64  # 3 frames: frame 2 attends to frames 0 and 1 (both sparse-causal segments)
 RATIO = 3.0
 # fp32: both backends compute in fp32 (the kernels' dots in "ieee" fp32), so only summation order differs
