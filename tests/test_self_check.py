@@ -76,7 +76,8 @@ def test_doctor_reports_versions_backends_and_a_passing_self_check_per_op_and_dt
     assert f"torch {torch.__version__}" in out and "triton 3." in out
     assert "device: cpu" in out and "interpreter" in out
     assert "cpp     not built" in out or "cpp     built" in out
-    checks = [line.split() for line in out.splitlines() if line.startswith("  triton ")]
+    self_checks = out.split("self-check on", 1)[1]
+    checks = [line.split() for line in self_checks.splitlines() if line.startswith("  triton ")]
     assert {(op, dtype) for _, op, dtype, *_ in checks} == {
         (op, dtype) for op in ("sparse_causal_attention", "temporal_attention", "pseudo3d_conv")
         for dtype in ("float32", "float16", "bfloat16")
