@@ -1,4 +1,4 @@
-"""`depthvid tune | edit | demo | eval | eval-bench`: a thin layer over the Python API."""
+"""`depthvid tune | edit | demo | eval | eval-bench | doctor`: a thin layer over the Python API."""
 from __future__ import annotations
 
 import argparse
@@ -48,6 +48,8 @@ def _tune_parser(subparsers) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--backend", choices=("auto", "torch", "triton", "cpp"),
+                   help="kernels of the video ops (default auto: triton on CUDA); triton on CPU needs TRITON_INTERPRET=1")
     p.add_argument("--resume", action="store_true", default=False, help="continue the run in -o")
     p.add_argument("--quiet", action="store_true", default=False, help="no progress bars")
     p.set_defaults(command=run_tune, memory_hint=MEMORY_HINT)
@@ -92,6 +94,8 @@ def _edit_parser(subparsers) -> None:
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
     p.add_argument("--device", default="auto")
+    p.add_argument("--backend", choices=("auto", "torch", "triton", "cpp"), default="auto",
+                   help="kernels of the video ops (default auto: triton on CUDA); triton on CPU needs TRITON_INTERPRET=1")
     p.add_argument("--eval", action="store_true", help="score the outputs (CLIP metrics, depth fidelity)")
     p.add_argument("--clip-model", help="CLIP model for --eval (hub id or folder)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -105,7 +109,7 @@ def run_edit(args) -> int:
         args.run_dir, args.prompt, args.output, steps=args.steps, guidance=args.guidance, seed=args.seed,
         eta=args.eta, negative_prompt=args.negative_prompt, frames=args.frames, video=args.video,
         depth_video=args.depth_video, depth_scale=args.depth_scale, depth_shift=args.depth_shift, fps=args.fps,
-        precision=args.precision, device=args.device, evaluate=args.eval, clip_model=args.clip_model,
+        precision=args.precision, device=args.device, backend=args.backend, evaluate=args.eval, clip_model=args.clip_model,
         progress=not args.quiet,
     )
     if not _is_main_process():
@@ -158,6 +162,19 @@ def run_demo(args) -> int:
     return 0
 
 
+def _doctor_parser(subparsers) -> None:
+    p = subparsers.add_parser("doctor", help="device, versions, backends, extension build, per-op self-check",
+                              description="Print what this machine can run and self-check every op's backends "
+                                          "against the torch reference (exit status 1 if a check fails).")
+    p.set_defaults(command=run_doctor)
+
+
+def run_doctor(args) -> int:
+    from depthvid.doctor import run_doctor
+
+    return run_doctor(args)
+
+
 def _eval_parsers(subparsers) -> None:
     from depthvid.evaluate import add_bench_arguments, add_eval_arguments, run_bench, run_eval
 
@@ -178,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _batch_parser(subparsers)
     _demo_parser(subparsers)
     _eval_parsers(subparsers)
+    _doctor_parser(subparsers)
     return parser
 
 

@@ -9,6 +9,7 @@ from depthvid.loading import DEFAULT_MODEL
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds up to here
+BACKENDS = ("auto", "torch", "triton", "cpp")  # auto: Triton for CUDA tensors, torch otherwise
 
 
 @dataclass
@@ -36,9 +37,11 @@ class TuneConfig:
     seed: int = 0
     checkpoint_every: int = 100  # steps between checkpoints (also written on Ctrl-C and at the end)
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    # kernels of the video ops; "triton" on CPU (under TRITON_INTERPRET=1) rehearses the CUDA run
+    backend: str = "auto"
 
     # options that may change when resuming: they do not change the weights of steps already taken
-    RESUMABLE_CHANGES = ("steps", "checkpoint_every", "device")
+    RESUMABLE_CHANGES = ("steps", "checkpoint_every", "device", "backend")
 
     def validate(self) -> None:
         """Every option in range before any work starts; bad values raise ``UserError`` naming the option."""
@@ -58,6 +61,7 @@ class TuneConfig:
         check_number("--temporal-loss-weight", self.temporal_loss_weight, minimum=0, hint="the default is 0.01")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
+        check_backend(self.backend)
         if self.sample not in ("uniform", "stride"):
             raise UserError(f"--sample {self.sample}: expected 'uniform' or 'stride'")
         if self.depth_normalize not in ("clip", "frame"):
@@ -78,3 +82,8 @@ class TuneConfig:
         """Names of options that differ from ``other`` and would change the result."""
         mine, theirs = self.to_dict(), other.to_dict()
         return [k for k in mine if k not in self.RESUMABLE_CHANGES and mine[k] != theirs[k]]
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")

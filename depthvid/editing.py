@@ -15,9 +15,12 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from depthvid.config import SEED_MAX
+from depthvid.config import SEED_MAX, check_backend
 from depthvid.errors import UserError, check_number
-from depthvid.tuning import CACHE_FILE, autocast, autocast_dtype, pick_device, prepare_cache, read_run, save_tensors
+from depthvid.ops import use_backend
+from depthvid.tuning import (
+    CACHE_FILE, autocast, autocast_dtype, pick_backend, pick_device, prepare_cache, read_run, save_tensors,
+)
 from depthvid.video import OUTPUT_SUFFIXES, check_fps, check_output_suffix, check_video_output
 
 INVERSION_DIR = "inversions"
@@ -140,6 +143,7 @@ def edit(
     fps: int = 8,
     precision: str = "auto",
     device: str = "auto",
+    backend: str = "auto",
     evaluate: bool = False,
     clip_model: str | None = None,
     progress: bool = True,
@@ -157,6 +161,8 @@ def edit(
         video: the source clip when it moved since tuning (needed only with ``frames``).
         depth_video: a depth video replacing the estimated depth (near = bright).
         depth_scale, depth_shift: applied to the normalised depth: d * scale + shift.
+        backend: kernels of the video ops: "auto" (Triton on CUDA), "torch", "triton" (on CPU under
+            TRITON_INTERPRET=1 it rehearses the CUDA run, fp16 included) or "cpp".
         evaluate: score each output with the CLIP metrics and depth fidelity.
     """
     from depthvid.depth import depth_to_frames, estimate_depth, load_depth_video
@@ -196,8 +202,10 @@ def edit(
     outputs, side_by_side = output_paths(out, prompts)
     for path in (*outputs, side_by_side):
         check_video_output(path, "-o")
+    check_backend(backend)
     device = pick_device(device)
-    dtype = autocast_dtype(precision, device)
+    dtype = autocast_dtype(precision, device, backend)
+    ops_backend = pick_backend(backend, device)
     return_freed_tensors_to_the_system()
     cache = load_file(str(run_dir / CACHE_FILE))
     num_frames = frames if new_frames else cache["latents"].shape[2]
@@ -241,11 +249,12 @@ def edit(
 
     # -- inversion, cached by everything it depends on
     adapter_digest = hashlib.sha256((run_dir / "adapter.safetensors").read_bytes()).hexdigest()
-    key = tensor_digest(adapter_digest, latents, depth, steps, str(dtype), negative_prompt, dict(base.scheduler.config))
+    key = tensor_digest(adapter_digest, latents, depth, steps, str(dtype), backend, negative_prompt,
+                        dict(base.scheduler.config))
     inversion_path = run_dir / INVERSION_DIR / f"{key}.safetensors"
     inversion_cached = split.broadcast(inversion_path.is_file())
     local_depth = split.shard(depth)
-    with autocast(device, dtype):
+    with use_backend(ops_backend), autocast(device, dtype):
         if inversion_cached:
             noise = split.shard(load_file(str(inversion_path))["latents"].to(device))
         else:

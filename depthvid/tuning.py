@@ -59,12 +59,35 @@ def pick_device(device: str = "auto") -> torch.device:
     return picked
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype:
+def pick_backend(backend: str, device: torch.device) -> str | None:
+    """The ops' backend for ``--backend`` (None for auto: each op picks by its tensors' device)."""
+    if backend == "auto":
+        return None
+    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError(
+            "--backend triton on CPU runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1 "
+            "(slow; it rehearses the GPU run), or use --backend torch"
+        )
+    return backend
+
+
+def runs_like_cuda(device: torch.device, backend: str) -> bool:
+    """True on CUDA, and on CPU with an explicit --backend torch or triton: the rehearsal of the
+    CUDA configuration (fp16 allowed, frozen weights cast to the compute dtype, gradient
+    checkpointing on by default); with --backend triton it runs the GPU kernels in the interpreter.
+    --backend auto on CPU keeps the CPU setup (fp32 frozen weights, no checkpointing)."""
+    return device.type == "cuda" or backend in ("torch", "triton")
+
+
+def autocast_dtype(precision: str, device: torch.device, backend: str = "auto") -> torch.dtype:
     """The dtype the model computes in ("auto": fp16 on CUDA, fp32 elsewhere)."""
     if precision == "auto":
         precision = "fp16" if device.type == "cuda" else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
+    if precision == "fp16" and not runs_like_cuda(device, backend):
+        raise UserError(
+            "--precision fp16 needs a CUDA GPU, or an explicit --backend triton (under TRITON_INTERPRET=1) "
+            "or torch to rehearse the GPU run on CPU; on CPU use bf16 or fp32"
+        )
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
@@ -241,6 +264,15 @@ def training_loss(video_unet, scheduler, batch: dict[str, torch.Tensor], generat
 
 def tune(config: TuneConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
     """Tune the inflated UNet on one clip; returns RUN_DIR. See the module docstring for its files."""
+    from depthvid.ops import use_backend
+
+    config.validate()
+    # every op call of the run, the recomputations of gradient checkpointing included
+    with use_backend(pick_backend(config.backend, pick_device(config.device))):
+        return _tune(config, run_dir, resume=resume, progress=progress)
+
+
+def _tune(config: TuneConfig, run_dir: str | Path, *, resume: bool, progress: bool) -> Path:
     from depthvid.loading import ENCODERS, load_base_model
     from depthvid.memory import return_freed_tensors_to_the_system, tuning_plan
     from depthvid.models import inflate_unet, mark_trainable, save_adapter
@@ -252,7 +284,8 @@ def tune(config: TuneConfig, run_dir: str | Path, *, resume: bool = False, progr
     config.validate()
     return_freed_tensors_to_the_system()
     device = pick_device(config.device)
-    dtype = autocast_dtype(config.precision, device)
+    dtype = autocast_dtype(config.precision, device, config.backend)
+    cuda_like = runs_like_cuda(device, config.backend)
     split = frame_split(config.frames, device)  # under torchrun: this rank's frames; rank 0 writes
     if resume:
         previous, _ = read_run(run_dir)
@@ -296,11 +329,13 @@ def tune(config: TuneConfig, run_dir: str | Path, *, resume: bool = False, progr
     torch.manual_seed(config.seed)  # the temporal layers' random init
     video_unet = shard_video_unet(inflate_unet(base.unet), split)
     trainable = mark_trainable(video_unet)
-    if dtype != torch.float32 and device.type == "cuda":
+    if dtype != torch.float32 and cuda_like:
         for param in video_unet.parameters():
             if not param.requires_grad:
                 param.data = param.data.to(dtype)
     use_checkpointing = config.gradient_checkpointing
+    if use_checkpointing is None and cuda_like and device.type == "cpu":
+        use_checkpointing = True  # the rehearsal of the CUDA run checkpoints like a GPU at paper scale
     if use_checkpointing is None:  # from the work's size and the memory left with the model loaded
         # a rank holds at most the first window's frames; rank 0 decides for all (every rank must
         # recompute, collectives included, or none)

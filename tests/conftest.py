@@ -3,7 +3,14 @@ import os
 # The Triton kernels run on CPU tensors through the interpreter; it must be set before
 # triton is imported anywhere.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The kernel tests compare each backend with torch themselves: a failed first-use self-check must not
+# quietly swap in the torch backend under them (tests/test_self_check.py turns it back on).
+os.environ.setdefault("DEPTHVID_SELF_CHECK", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The interpreter computes with numpy: OpenBLAS's own threads make its small matmuls 30-100x
+# slower on a busy 2-core machine (measured: 128x64 @ 64x64 fp32, 0.3 ms on one thread, 11-40 ms on
+# two). One thread, like torch below; numpy reads it when first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402

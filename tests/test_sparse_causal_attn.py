@@ -1,13 +1,11 @@
 """Sparse-causal attention: the Triton kernels (interpreted on CPU) against the torch reference.
 
-Also compiles every kernel at every GPU launch configuration for sm_80 and sm_90 and checks its
-shared memory (see _gpu_compile.py).
+The GPU binaries of every launch configuration are checked in test_gpu_binaries.py.
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from _gpu_compile import SHARED_MEMORY_LIMITS, CompileJob, assert_fits_the_gpu, compile_jobs, head_dim_strides
 
 from depthvid.errors import UserError
 from depthvid.triton_kernels import sparse_causal_attn as sca
@@ -154,7 +152,7 @@ def test_gpu_tile_sizes_in_interpreter(head_dim, dtype, tokens):
 @pytest.mark.parametrize(
     "change, match",
     [
-        pytest.param(lambda q: q.to(torch.float64), "dtypes", id="float64"),
+        pytest.param(lambda q: q.to(torch.float64), "one dtype", id="float64"),
         pytest.param(lambda q: q.new_zeros(*q.shape[:3], 300), "head_dim", id="head-dim-300"),
     ],
 )
@@ -171,49 +169,8 @@ def test_cpu_tensors_without_interpreter_raise_user_error(monkeypatch):
         sca.sparse_causal_attn_triton(q, q, q, num_frames=2, scale=1.0)
 
 
-# ----------------------------------------------------------------------------------------------
-# GPU compile check: every kernel x every launch configuration, for sm_80 and sm_90
-# ----------------------------------------------------------------------------------------------
-
-
-def every_compile_job():
-    """A CompileJob for every kernel x every configuration the launchers can pick x sm_80/sm_90."""
-    jobs = []
-    for arch in SHARED_MEMORY_LIMITS:
-        for config in sca.launch_configs():
-            for role, kernel in sca.KERNELS.items():
-                tiles = getattr(config, role)
-                constexprs = dict(
-                    HEAD_DIM=config.head_dim, BLOCK_D=config.block_d, BLOCK_M=tiles.block_m,
-                    BLOCK_N=tiles.block_n, FP32_DOT=sca._fp32_dot(config.dtype, on_gpu=True),
-                )
-                jobs.append(CompileJob(
-                    module=sca.__name__, kernel=kernel.fn.__name__, dtype=str(config.dtype).removeprefix("torch."),
-                    constexprs=constexprs, options=dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
-                    arch=arch, fp32_pointers=("lse_ptr", "delta_ptr"), float_args=("scale", "qk_scale"),
-                    unit_args=head_dim_strides(kernel),
-                ))
-    return jobs
-
-
-COMPILE_JOBS = every_compile_job()
-
-
-@pytest.fixture(scope="module")
-def compiled_kernels():
-    return compile_jobs(COMPILE_JOBS)
-
-
-def test_compile_jobs_cover_every_gpu_configuration():
+def test_gpu_launches_cover_every_gpu_configuration():
+    # tests/test_gpu_binaries.py compiles exactly these for sm_80 and sm_90
     configs = sca.launch_configs()
     assert {(config.block_d, config.dtype.itemsize) for config in configs} == set(sca._GPU_CONFIGS)
-    assert {(config.head_dim, config.dtype) for config in configs} >= {(64, torch.float16), (160, torch.bfloat16)}
-    assert len(COMPILE_JOBS) == len(SHARED_MEMORY_LIMITS) * len(configs) * len(sca.KERNELS)
-
-
-@pytest.mark.parametrize(
-    "index", range(len(COMPILE_JOBS)),
-    ids=[f"sm{job.arch}-{job.kernel.strip('_')}-D{job.constexprs['HEAD_DIM']}-{job.dtype}" for job in COMPILE_JOBS],
-)
-def test_kernel_compiles_for_gpu_within_shared_memory(compiled_kernels, index):
-    assert_fits_the_gpu(compiled_kernels[index], COMPILE_JOBS[index].arch)
+    assert len(sca.gpu_launches()) == 3 * len(configs)

@@ -1,10 +1,9 @@
-"""Temporal attention: the Triton kernels (run by the interpreter on CPU) against the torch reference,
-and a compile of every launch configuration for A100 (sm_80) and H100 (sm_90)."""
+"""Temporal attention: the Triton kernels (run by the interpreter on CPU) against the torch reference.
+The GPU binaries of every launch configuration are checked in test_gpu_binaries.py."""
 from __future__ import annotations
 
 import pytest
 import torch
-from _gpu_compile import SHARED_MEMORY_LIMITS, CompileJob, assert_fits_the_gpu, compile_jobs, head_dim_strides
 
 from depthvid.errors import UserError
 from depthvid.triton_kernels import temporal_attn as kernel_module
@@ -73,6 +72,10 @@ def assert_matches_reference(q, k, v, grad_out, frames):
         error = (actual.double() - expected).abs().max().item()
         torch_error = (lowp.double() - expected).abs().max().item()
         bound = tol["factor"] * torch_error + tol["atol"]
+        if dtype == torch.bfloat16:
+            # the kernels really run in bf16 here, and the interpreter converts fp32 -> bf16 by
+            # truncation where a GPU rounds to nearest: up to one more ulp of the largest value
+            bound += torch.finfo(dtype).eps * expected.abs().max().item()
         assert error <= bound, f"{name}: max error {error:.3g} vs fp64 > {bound:.3g} (torch {dtype}: {torch_error:.3g})"
 
 
@@ -149,41 +152,9 @@ def test_pick_config_respects_gpu_block_rules(frames, head_dim, backward):
     assert config in kernel_module.launch_configs()["bwd" if backward else "fwd"]
 
 
-# -- GPU compile check (see _gpu_compile.py) ------------------------------------------------------
-
-
-def every_compile_job():
-    """A CompileJob for every kernel x every configuration the launchers can pick x dtype x sm_80/sm_90."""
-    jobs = []
-    for role, configs in kernel_module.launch_configs().items():
-        kernel = kernel_module.KERNELS[role]
-        for config in configs:
-            for dtype in ("float16", "bfloat16", "float32"):
-                for arch in SHARED_MEMORY_LIMITS:
-                    jobs.append(CompileJob(
-                        module=kernel_module.__name__, kernel=kernel.fn.__name__, dtype=dtype,
-                        constexprs=config.constexprs, options={"num_warps": config.num_warps}, arch=arch,
-                        fp32_pointers=("lse_ptr",), float_args=("scale", "qk_scale"),
-                        unit_args=head_dim_strides(kernel),
-                    ))
-    return jobs
-
-
-COMPILE_JOBS = every_compile_job()
-
-
-@pytest.fixture(scope="module")
-def compiled_kernels():
-    return compile_jobs(COMPILE_JOBS)
-
-
-@pytest.mark.parametrize(
-    "index", range(len(COMPILE_JOBS)),
-    ids=[
-        f"{job.kernel.strip('_')}-F{c['BLOCK_F']}-N{c['BLOCK_N']}-D{c['BLOCK_D']}-{job.dtype}-sm{job.arch}"
-        for job in COMPILE_JOBS
-        for c in [job.constexprs]
-    ],
-)
-def test_every_launch_config_compiles_for_gpu(compiled_kernels, index):
-    assert_fits_the_gpu(compiled_kernels[index], COMPILE_JOBS[index].arch)
+def test_gpu_launches_cover_every_launch_configuration():
+    # tests/test_gpu_binaries.py compiles exactly these for sm_80 and sm_90
+    launched = {(launch.kernel, tuple(sorted(launch.kwargs.items()))) for launch in kernel_module.gpu_launches()}
+    for role, kernel in (("fwd", kernel_module._temporal_attn_fwd_kernel), ("bwd", kernel_module._temporal_attn_bwd_kernel)):
+        for config in kernel_module.launch_configs()[role]:
+            assert (kernel, tuple(sorted(dict(config.constexprs, num_warps=config.num_warps).items()))) in launched

@@ -1,15 +1,30 @@
-"""The one place that decides which backend runs an op.
+"""The one place that decides which backend runs an op, and how a non-torch backend is called.
 
 ``backend=None`` means: the backend set by :func:`use_backend` if any, else Triton for CUDA
 tensors (when triton imports), else the torch reference. An explicit backend that cannot run
 here falls back to the next one with a single warning, never a crash.
+
+Self-check: the first use of a non-torch backend for an (op, device, compute dtype) in a process
+runs that op on small random inputs with that backend and with the torch reference (output and
+input gradients, well under a second); an exception or a mismatch warns once, naming the op, and
+the op runs on torch for the rest of the process. ``DEPTHVID_SELF_CHECK=0`` turns it off (the
+tests of the kernels themselves, benchmarks). Ops register their check with
+:func:`register_self_check`; nothing here is specific to one backend.
+
+Autocast: kernels take one dtype. :func:`call_backend` casts an op's floating tensors to the
+autocast dtype when autocast is on for their device (what torch's own matmul-like ops do) and
+runs the backend with autocast off; autograd casts the gradients back to each input's dtype.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
+import os
+import time
 import warnings
+from typing import Callable
 
 import torch
 
@@ -59,8 +74,17 @@ def use_backend(backend: str | None):
         _default_backend.reset(token)
 
 
-def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
-    """Return the backend that will actually run an op on ``tensor``."""
+def resolve_backend(backend: str | None, tensor: torch.Tensor, op: str | None = None) -> str:
+    """Return the backend that will actually run ``op`` on ``tensor`` (torch when the chosen
+    backend failed its self-check for this op, device and compute dtype)."""
+    backend = _available_backend(backend, tensor)
+    if backend != "torch" and op is not None and self_check_enabled():
+        if not _passes_self_check(op, backend, tensor.device, compute_dtype(tensor)):
+            return "torch"
+    return backend
+
+
+def _available_backend(backend: str | None, tensor: torch.Tensor) -> str:
     if backend is None:
         backend = _default_backend.get()
     if backend is None:
@@ -75,3 +99,129 @@ def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
         _warn_once("depthvid: triton is not installed; using the torch backend")
         return "torch"
     return backend
+
+
+# ---------------------------------------------------------------------------- autocast boundary
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a kernel runs in for this op input: the autocast dtype under autocast, else its own."""
+    device_type = tensor.device.type
+    if tensor.is_floating_point() and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return tensor.dtype
+
+
+def call_backend(implementation: Callable, *args, **kwargs):
+    """``implementation(*args, **kwargs)`` with, under autocast, every fp16/bf16/fp32 tensor among
+    the arguments cast to the autocast dtype and autocast off inside (its torch parts then run in
+    the dtypes given). The casts are autograd ops: each input's gradient comes back in its dtype."""
+    device_type = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)).device.type
+    if not torch.is_autocast_enabled(device_type):
+        return implementation(*args, **kwargs)
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(value):
+        if isinstance(value, torch.Tensor) and value.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            return value.to(dtype)
+        return value
+
+    with torch.autocast(device_type, enabled=False):
+        return implementation(*map(cast, args), **{name: cast(value) for name, value in kwargs.items()})
+
+
+# ---------------------------------------------------------------------------- self-check
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfCheck:
+    """How to check one op: ``run(backend, *inputs)`` on random inputs of ``shapes`` (all differentiable)."""
+
+    op: str
+    shapes: tuple
+    run: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfCheckResult:
+    op: str
+    backend: str
+    device: str
+    dtype: str
+    ok: bool
+    detail: str  # worst relative error and tensor, or the exception
+    seconds: float
+
+
+_SELF_CHECKS: dict[str, SelfCheck] = {}
+_self_check_results: dict[tuple, SelfCheckResult | None] = {}  # None: running (its own calls pass)
+# max |backend - reference| / max(1, max |reference|) per compute dtype. A wrong index, frame or
+# tile gives errors of order 1; correct kernels are 10-100x below these (rounding of P/dS to the
+# dtype, fp32 accumulation in a different order).
+SELF_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def register_self_check(op: str, shapes: tuple, run: Callable) -> None:
+    _SELF_CHECKS[op] = SelfCheck(op, shapes, run)
+
+
+def registered_self_checks() -> list[str]:
+    return list(_SELF_CHECKS)
+
+
+def self_check_enabled() -> bool:
+    return os.environ.get("DEPTHVID_SELF_CHECK", "1") != "0"
+
+
+def _passes_self_check(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    key = (op, backend, str(device), dtype)
+    if key not in _self_check_results:
+        _self_check_results[key] = None
+        result = run_self_check(op, backend, device, dtype)
+        _self_check_results[key] = result
+        if not result.ok:
+            warnings.warn(
+                f"depthvid: backend {backend!r} failed its self-check for {op} on {device} in {dtype} "
+                f"({result.detail}); {op} runs on the torch backend for the rest of this run",
+                RuntimeWarning, stacklevel=4,
+            )
+    result = _self_check_results[key]
+    return result is None or result.ok
+
+
+def run_self_check(op: str, backend: str, device: torch.device | str, dtype: torch.dtype) -> SelfCheckResult:
+    """Run ``op`` with ``backend`` and with torch on the same small inputs and compare the output
+    and every input gradient (the reference in fp32 from the same rounded inputs)."""
+    check, device = _SELF_CHECKS[op], torch.device(device)
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(shape, generator=generator).to(device, dtype) for shape in check.shapes]
+    ok, detail = True, ""
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            results, grad_out = {}, None
+            for name, run_backend, run_dtype in (("backend", backend, dtype), ("reference", "torch", torch.float32)):
+                leaves = [t.detach().to(run_dtype, copy=True).requires_grad_() for t in inputs]
+                out = check.run(run_backend, *leaves)
+                if grad_out is None:
+                    grad_out = torch.randn(out.shape, generator=generator).to(device, dtype)
+                out.backward(grad_out.to(out.dtype))
+                results[name] = [out.detach().float()] + [leaf.grad.float() for leaf in leaves]
+        labels = ["output"] + [f"grad of input {i}" for i in range(len(inputs))]
+        errors = [
+            ((got - want).abs().max() / want.abs().max().clamp(min=1)).item()
+            for got, want in zip(results["backend"], results["reference"])
+        ]
+        worst = max(range(len(errors)), key=lambda i: errors[i] if errors[i] == errors[i] else float("inf"))
+        ok = errors[worst] <= SELF_CHECK_TOLERANCE[dtype]  # NaN fails
+        detail = f"max relative error {errors[worst]:.2g} in the {labels[worst]}"
+    except Exception as error:  # a kernel that cannot compile or launch here fails its check
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        ok, detail = False, f"{type(error).__name__}: {first_line[:200]}"
+    return SelfCheckResult(op, backend, str(device), str(dtype).removeprefix("torch."), ok, detail,
+                           time.perf_counter() - started)
+
+
+def reset_self_checks() -> None:
+    """Forget every self-check result (tests)."""
+    _self_check_results.clear()

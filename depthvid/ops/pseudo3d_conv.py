@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from depthvid.ops._backend import resolve_backend
+from depthvid.ops._backend import call_backend, register_self_check, resolve_backend
 
 
 @dataclass(frozen=True)
@@ -86,9 +86,21 @@ def pseudo3d_conv(
         raise ValueError(
             f"pseudo3d_conv: weight must be (C_out, C_in={x.shape[1]}, kh, kw), got {tuple(weight.shape)}"
         )
-    backend = resolve_backend(backend, x)
+    backend = resolve_backend(backend, x, "pseudo3d_conv")
     if backend == "triton":
         from depthvid.triton_kernels.pseudo3d_conv import pseudo3d_conv_triton
 
-        return pseudo3d_conv_triton(x, weight, bias, stride, padding, norm, temb, residual, output_scale)
+        return call_backend(pseudo3d_conv_triton, x, weight, bias, stride, padding, norm, temb, residual, output_scale)
     return pseudo3d_conv_torch(x, weight, bias, stride, padding, norm, temb, residual, output_scale)
+
+
+def _fused_resnet_half(backend, x, weight, bias, norm_weight, norm_bias, temb, residual):
+    norm = GroupNormSiLU(4, norm_weight, norm_bias)
+    return pseudo3d_conv(x, weight, bias, 1, 1, backend, norm=norm, temb=temb, residual=residual, output_scale=2.0)
+
+
+# a diffusers ResnetBlock2D half (GroupNorm+SiLU, conv, temb, residual) on 3 frames of 6x5, 16 channels
+register_self_check(
+    "pseudo3d_conv", ((1, 16, 3, 6, 5), (16, 16, 3, 3), (16,), (16,), (16,), (1, 16), (1, 16, 3, 6, 5)),
+    _fused_resnet_half,
+)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from depthvid.ops._backend import resolve_backend
+from depthvid.ops._backend import call_backend, register_self_check, resolve_backend
 
 
 def check_video_attention_inputs(q, k, v, num_frames: int, name: str) -> None:
@@ -148,9 +148,16 @@ def sparse_causal_attention(q, k, v, num_frames: int, scale: float | None = None
     """
     check_video_attention_inputs(q, k, v, num_frames, "sparse_causal_attention")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = resolve_backend(backend, q)
+    backend = resolve_backend(backend, q, "sparse_causal_attention")
     if backend == "triton":
         from depthvid.triton_kernels.sparse_causal_attn import sparse_causal_attn_triton
 
-        return sparse_causal_attn_triton(q, k, v, num_frames, scale)
+        return call_backend(sparse_causal_attn_triton, q, k, v, num_frames, scale)
     return sparse_causal_attention_torch(q, k, v, num_frames, scale)
+
+
+# two videos of 3 frames (frame 0 alone, frame 0 + f-1), ragged tokens, SD's 64-dim heads
+register_self_check(
+    "sparse_causal_attention", ((6, 2, 24, 64),) * 3,
+    lambda backend, q, k, v: sparse_causal_attention(q, k, v, 3, backend=backend),
+)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from depthvid.ops._backend import resolve_backend
+from depthvid.ops._backend import call_backend, register_self_check, resolve_backend
 from depthvid.ops.sparse_causal_attn import check_video_attention_inputs
 
 
@@ -35,9 +35,16 @@ def temporal_attention(q, k, v, num_frames: int, scale: float | None = None, bac
     """
     check_video_attention_inputs(q, k, v, num_frames, "temporal_attention")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = resolve_backend(backend, q)
+    backend = resolve_backend(backend, q, "temporal_attention")
     if backend == "triton":
         from depthvid.triton_kernels.temporal_attn import temporal_attn_triton
 
-        return temporal_attn_triton(q, k, v, num_frames, scale)
+        return call_backend(temporal_attn_triton, q, k, v, num_frames, scale)
     return temporal_attention_torch(q, k, v, num_frames, scale)
+
+
+# two videos of 5 frames, ragged tokens, SD's 64-dim heads
+register_self_check(
+    "temporal_attention", ((10, 2, 9, 64),) * 3,
+    lambda backend, q, k, v: temporal_attention(q, k, v, 5, backend=backend),
+)

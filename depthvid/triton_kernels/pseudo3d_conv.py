@@ -46,18 +46,21 @@ SD has only three stride-2 convs.
 Launch shape: grid (pixel blocks of one frame, C_out blocks, B*F); one flat K loop over
 (tap, channel block), so a block never straddles two frames and the pipeliner sees one loop.
 Configs (``pick_conv_config``): BLOCK_M = 128, BLOCK_N = 128 or 64, BLOCK_K = 64 (fp16/bf16) or
-32 (fp32). Shared memory per block, compiled here for sm_80 and sm_90 (triton 3.9): 24-34 KB
-fp16/bf16, 48-81 KB fp32, against 163 KB / 227 KB.
+32 (fp32). Shared memory, registers and spills per configuration: ``python tests/gpu_binaries.py``.
+
+Layouts (what makes the main loop's loads 16 bytes wide): activations are read channels-last, so
+a tap's (pixels, channels) tile is contiguous along K and a tap shift moves by whole pixels (C
+elements); the launchers copy x (and grad_out) to channels-last only when it is not already, and
+write their outputs channels-last, so a chain of convs copies once. The weight is read from a
+(kh, kw, C_in, C_out) copy (:func:`gemm_weight`, made once per weight version), contiguous along
+C_out. Compiled for sm_80 with a real launch's specialisation, the fp16 forward's main loop is
+cp.async 16-byte copies feeding mma.sync (before: 2-byte scalar loads at strides 9 and 9*C_in).
 
 GPU notes (not timed: no GPU here). fp32 dots use input_precision="ieee" to match the fp32
-reference (slower than TF32 tensor cores). The weight tile is read through strides: for
-(C_out, C_in, 3, 3) storage the N direction is strided by C_in*9; a weight stored as
-(kh, kw, C_in, C_out) (pass ``w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)``) makes it
-contiguous without a kernel change. 8x8 frames (SD's deepest level) fill half a BLOCK_M tile.
+reference (slower than TF32 tensor cores). 8x8 frames (SD's deepest level) fill half a BLOCK_M tile.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +69,7 @@ import triton
 import triton.language as tl
 
 from depthvid.errors import UserError
-from depthvid.ops.pseudo3d_conv import GroupNormSiLU, fold_frames, unfold_frames
+from depthvid.triton_kernels._common import Launch, check_tensors, dot, fp32_dot, interpreting
 
 _STATS_BLOCK = 1024  # elements of one (b, f, group) reduced per step
 _STATS_BLOCK_C = 64  # channels of one group whose scale/shift are written per step
@@ -106,9 +109,9 @@ def _group_norm_stats_kernel(
     # -- mean: fp32 partial sums per lane, reduced once at the end --
     acc = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, count, BLOCK):
-        e = start + tl.arange(0, BLOCK)  # flat index over (channel in group, h, w)
-        c = e // pixels
-        p = e % pixels
+        e = start + tl.arange(0, BLOCK)  # flat index over (h, w, channel in group): x is channels-last
+        c = e % group_size
+        p = e // group_size
         vals = tl.load(x_group + c * stride_xc + (p // width) * stride_xh + (p % width) * stride_xw, mask=e < count, other=0.0)
         acc += vals.to(tl.float32)
     mean = tl.sum(acc, axis=0) / count
@@ -117,8 +120,8 @@ def _group_norm_stats_kernel(
     acc = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, count, BLOCK):
         e = start + tl.arange(0, BLOCK)
-        c = e // pixels
-        p = e % pixels
+        c = e % group_size
+        p = e // group_size
         mask = e < count
         vals = tl.load(x_group + c * stride_xc + (p // width) * stride_xh + (p % width) * stride_xw, mask=mask, other=0.0)
         centred = tl.where(mask, vals.to(tl.float32) - mean, 0.0)
@@ -192,7 +195,7 @@ def _pseudo3d_conv_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     tl.static_assert(BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot operands need every dim >= 16 on GPU")
     tl.static_assert(BLOCK_M >= 16, "tl.dot operands need every dim >= 16 on GPU")
@@ -246,7 +249,7 @@ def _pseudo3d_conv_fwd_kernel(
             x_tile = tl.where(x_mask, z * tl.sigmoid(z), 0.0).to(weight_ptr.dtype.element_ty)
         w_offs = (i * stride_wh + j * stride_ww) + offs_k * stride_wc
         w_tile = tl.load(w_offs[:, None] + w_cols[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+        acc += dot(x_tile, w_tile, FP32_DOT)
 
     # -- epilogue: (conv + bias + temb + residual) / output_scale, one rounding to out's dtype --
     out_mask = mask_m[:, None] & mask_n[None, :]
@@ -306,7 +309,7 @@ def _pseudo3d_conv_bwd_dx_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     tl.static_assert(BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot operands need every dim >= 16 on GPU")
     tl.static_assert(BLOCK_M >= 16, "tl.dot operands need every dim >= 16 on GPU")
@@ -358,7 +361,7 @@ def _pseudo3d_conv_bwd_dx_kernel(
         )
         w_offs = (i * stride_wh + j * stride_ww) + offs_k * stride_wo
         w_tile = tl.load(w_offs[:, None] + w_cols[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(g_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+        acc += dot(g_tile, w_tile, FP32_DOT)
 
     # -- epilogue: the forward divided the sum by output_scale --
     acc = acc / output_scale
@@ -398,57 +401,55 @@ def pick_conv_config(n_channels: int, dtype: torch.dtype) -> ConvConfig:
     return ConvConfig(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=block_n // 16, num_stages=3)
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    # "ieee" makes fp32 dots exact fp32 on GPU (TF32 otherwise); half inputs ignore it
-    return "ieee" if dtype == torch.float32 else "tf32"
+# ----------------------------------------------------------------------------- layouts
 
 
-def launch_configs() -> list[dict]:
-    """Every (kernel, dtype, constexprs, launch options) the launchers below can pick on a GPU.
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, H, W) with unit channel stride, copying only when it is not already: the GEMM's
+    K (channels) is then the contiguous axis of every tap's tile, which a GPU loads 16 bytes at a time."""
+    if t.stride(1) == 1:
+        return t
+    # (B, C, F, H, W) -> (B, F, H, W, C) contiguous -> viewed back as (B, C, F, H, W)
+    return t.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
 
-    For the GPU compile check (tests/test_pseudo3d_conv.py). Each entry: ``kernel`` (name of the
-    @triton.jit function in this module), ``dtype`` (torch dtype of the data pointers),
-    ``constexprs`` (dict) and ``options`` (num_warps, num_stages).
+
+def _empty_channels_last(batch, channels, frames, height, width, like: torch.Tensor) -> torch.Tensor:
+    # (B, F, H, W, C) -> (B, C, F, H, W): the next conv reads it without a copy
+    return torch.empty(batch, frames, height, width, channels, dtype=like.dtype, device=like.device).permute(0, 4, 1, 2, 3)
+
+
+def gemm_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as the kernels read it: a (kh, kw, C_in, C_out) contiguous copy viewed as
+    (C_out, C_in, kh, kw), so the forward's (C_in, C_out) tile of a tap is contiguous along C_out
+    and the dX kernel's (C_out, C_in) tile along C_out: both load 16 bytes at a time.
+
+    Computed once per weight version and cached on the tensor (a frozen weight is permuted once
+    per run; a weight cast per call under autocast is permuted per call, like the cast itself).
     """
-    configs = []
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        configs.append(
-            dict(
-                kernel="_group_norm_stats_kernel",
-                dtype=dtype,
-                constexprs=dict(HAS_AFFINE=True, BLOCK=_STATS_BLOCK, BLOCK_C=_STATS_BLOCK_C),
-                options=dict(num_warps=4, num_stages=1),
-            )
-        )
-        for n_channels in (320, 640):  # BLOCK_N = 64, 128
-            cfg = pick_conv_config(n_channels, dtype)
-            blocks = dict(
-                BLOCK_M=cfg.BLOCK_M,
-                BLOCK_N=cfg.BLOCK_N,
-                BLOCK_K=cfg.BLOCK_K,
-                INPUT_PRECISION=_input_precision(dtype),
-            )
-            options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            # the prologue changes how the A tile reaches the MMA (through registers, not a
-            # pipelined shared-memory copy): compile with every extra on and with none
-            for extras in (True, False):
-                flags = dict(HAS_BIAS=extras, HAS_NORM=extras, HAS_TEMB=extras, HAS_RESIDUAL=extras)
-                configs.append(
-                    dict(kernel="_pseudo3d_conv_fwd_kernel", dtype=dtype, constexprs={**blocks, **flags}, options=options)
-                )
-            configs.append(dict(kernel="_pseudo3d_conv_bwd_dx_kernel", dtype=dtype, constexprs=blocks, options=options))
-    return configs
+    if weight.stride(0) == 1:
+        return weight
+    key = (weight._version, weight.data_ptr(), weight.dtype)
+    cached = getattr(weight, "_depthvid_gemm_weight", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    # (C_out, C_in, kh, kw) -> (kh, kw, C_in, C_out) contiguous -> viewed as (C_out, C_in, kh, kw)
+    permuted = weight.detach().permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    weight._depthvid_gemm_weight = (key, permuted)
+    return permuted
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
-def _interpretable(t: torch.Tensor | None) -> torch.Tensor | None:
-    """bf16 -> fp32 for CPU tensors: the interpreter's tl.dot is wrong on bf16 and its bf16
-    arithmetic raises. On a GPU tensors pass through unchanged."""
-    if t is not None and t.device.type == "cpu" and t.dtype == torch.bfloat16:
-        return t.float()
-    return t
+def _stats_launch(x, gamma, beta, scale, shift, num_groups: int, eps: float) -> Launch:
+    batch, channels, num_frames, height, width = x.shape
+    has_affine = gamma is not None
+    return Launch(
+        _group_norm_stats_kernel, (batch * num_frames, num_groups),
+        (x, gamma if has_affine else scale, beta if has_affine else scale, scale, shift,
+         num_frames, channels, height, width, channels // num_groups, eps, *x.stride()),
+        dict(HAS_AFFINE=has_affine, BLOCK=_STATS_BLOCK, BLOCK_C=_STATS_BLOCK_C, num_warps=4, num_stages=1),
+    )
 
 
 def group_norm_scale_shift(x, num_groups: int, gamma, beta, eps: float):
@@ -456,36 +457,15 @@ def group_norm_scale_shift(x, num_groups: int, gamma, beta, eps: float):
 
     Args:
         x: (B, C, F, H, W), any strides; statistics per (b, f, group) as in the reference.
-        gamma, beta: (C,) or both None (no affine).
+        gamma, beta: (C,) or both None (no affine), any float dtype.
 
     Returns:
         scale, shift: (B*F, C) fp32, contiguous.
     """
-    x = _interpretable(x)
-    batch, channels, num_frames, height, width = x.shape
+    batch, channels, num_frames = x.shape[:3]
     scale = torch.empty(batch * num_frames, channels, device=x.device, dtype=torch.float32)
     shift = torch.empty_like(scale)
-    has_affine = gamma is not None
-    grid = (batch * num_frames, num_groups)
-    _group_norm_stats_kernel[grid](
-        x,
-        _interpretable(gamma) if has_affine else scale,
-        _interpretable(beta) if has_affine else scale,
-        scale,
-        shift,
-        num_frames,
-        channels,
-        height,
-        width,
-        channels // num_groups,
-        eps,
-        *x.stride(),
-        HAS_AFFINE=has_affine,
-        BLOCK=_STATS_BLOCK,
-        BLOCK_C=_STATS_BLOCK_C,
-        num_warps=4,
-        num_stages=1,
-    )
+    _stats_launch(x, gamma, beta, scale, shift, num_groups, eps)()
     return scale, shift
 
 
@@ -493,28 +473,10 @@ def _output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def pseudo3d_conv_fwd(x, weight, bias, stride, padding, norm_scale, norm_shift, temb, residual, output_scale):
-    """Launch the fused forward.
-
-    Args:
-        x: (B, C_in, F, H, W), any strides.
-        weight: (C_out, C_in, kh, kw); bias: (C_out,) or None.
-        norm_scale, norm_shift: (B*F, C_in) fp32 from :func:`group_norm_scale_shift`, or None.
-        temb: (B, C_out), (B, F, C_out) or None; residual: (B, C_out, F, H_out, W_out) or None.
-
-    Returns:
-        (B, C_out, F, H_out, W_out) in x's dtype: a transposed view of a contiguous
-        (B, F, C_out, H_out, W_out) buffer, i.e. frames-major like the reference's output.
-    """
-    out_dtype = x.dtype
-    x, weight, bias, temb, residual = map(_interpretable, (x, weight, bias, temb, residual))
+def _fwd_launch(x, weight, bias, norm_scale, norm_shift, temb, residual, out, stride, padding, output_scale) -> Launch:
     batch, c_in, num_frames, height, width = x.shape
     c_out, _, kh, kw = weight.shape
-    height_out = _output_size(height, kh, stride, padding)
-    width_out = _output_size(width, kw, stride, padding)
-    # (B, F, C_out, H_out, W_out) -> (B, C_out, F, H_out, W_out)
-    out = torch.empty(batch, num_frames, c_out, height_out, width_out, device=x.device, dtype=x.dtype).transpose(1, 2)
-
+    height_out, width_out = out.shape[-2:]
     if temb is not None and temb.dim() == 2:
         temb_strides = (temb.stride(0), 0, temb.stride(1))  # the same row for every frame
     elif temb is not None:
@@ -522,104 +484,124 @@ def pseudo3d_conv_fwd(x, weight, bias, stride, padding, norm_scale, norm_shift, 
     else:
         temb_strides = (0, 0, 0)
     cfg = pick_conv_config(c_out, x.dtype)
-    grid = (triton.cdiv(height_out * width_out, cfg.BLOCK_M), triton.cdiv(c_out, cfg.BLOCK_N), batch * num_frames)
-    _pseudo3d_conv_fwd_kernel[grid](
-        x,
-        weight,
-        bias if bias is not None else out,
-        norm_scale if norm_scale is not None else out,
-        norm_shift if norm_shift is not None else out,
-        temb if temb is not None else out,
-        residual if residual is not None else out,
-        out,
-        num_frames,
-        c_in,
-        height,
-        width,
-        c_out,
-        height_out,
-        width_out,
-        *x.stride(),
-        *weight.stride(),
-        *temb_strides,
-        *(residual.stride() if residual is not None else (0,) * 5),
-        *out.stride(),
-        stride,
-        padding,
-        float(output_scale),
-        kh,
-        kw,
-        HAS_BIAS=bias is not None,
-        HAS_NORM=norm_scale is not None,
-        HAS_TEMB=temb is not None,
-        HAS_RESIDUAL=residual is not None,
-        BLOCK_M=cfg.BLOCK_M,
-        BLOCK_N=cfg.BLOCK_N,
-        BLOCK_K=cfg.BLOCK_K,
-        INPUT_PRECISION=_input_precision(x.dtype),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+    return Launch(
+        _pseudo3d_conv_fwd_kernel,
+        (triton.cdiv(height_out * width_out, cfg.BLOCK_M), triton.cdiv(c_out, cfg.BLOCK_N), batch * num_frames),
+        (x, weight, *(t if t is not None else out for t in (bias, norm_scale, norm_shift, temb, residual)), out,
+         num_frames, c_in, height, width, c_out, height_out, width_out,
+         *x.stride(), *weight.stride(), *temb_strides,
+         *(residual.stride() if residual is not None else (0,) * 5), *out.stride(),
+         stride, padding, float(output_scale), kh, kw),
+        dict(HAS_BIAS=bias is not None, HAS_NORM=norm_scale is not None, HAS_TEMB=temb is not None,
+             HAS_RESIDUAL=residual is not None, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+             FP32_DOT=fp32_dot(x.dtype, not interpreting()), num_warps=cfg.num_warps, num_stages=cfg.num_stages),
     )
-    return out.to(out_dtype)
+
+
+def pseudo3d_conv_fwd(x, weight, bias, stride, padding, norm_scale, norm_shift, temb, residual, output_scale):
+    """Launch the fused forward.
+
+    Args:
+        x: (B, C_in, F, H, W), any strides (copied to channels-last unless it is).
+        weight: (C_out, C_in, kh, kw); bias: (C_out,) or None.
+        norm_scale, norm_shift: (B*F, C_in) fp32 from :func:`group_norm_scale_shift`, or None.
+        temb: (B, C_out), (B, F, C_out) or None; residual: (B, C_out, F, H_out, W_out) or None.
+
+    Returns:
+        (B, C_out, F, H_out, W_out) in x's dtype, channels-last: a view of a contiguous
+        (B, F, H_out, W_out, C_out) buffer.
+    """
+    x = _channels_last(x)
+    batch, _, num_frames, height, width = x.shape
+    c_out, _, kh, kw = weight.shape
+    out = _empty_channels_last(batch, c_out, num_frames, _output_size(height, kh, stride, padding),
+                               _output_size(width, kw, stride, padding), like=x)
+    _fwd_launch(x, gemm_weight(weight), bias, norm_scale, norm_shift, temb, residual, out,
+                stride, padding, output_scale)()
+    return out
+
+
+def _bwd_dx_launch(grad_out, weight, grad_in, stride, padding, output_scale) -> Launch:
+    batch, c_in, num_frames, height, width = grad_in.shape
+    c_out, _, kh, kw = weight.shape
+    height_out, width_out = grad_out.shape[-2:]
+    cfg = pick_conv_config(c_in, grad_out.dtype)
+    return Launch(
+        _pseudo3d_conv_bwd_dx_kernel,
+        (triton.cdiv(height * width, cfg.BLOCK_M), triton.cdiv(c_in, cfg.BLOCK_N), batch * num_frames),
+        (grad_out, weight, grad_in, num_frames, c_in, height, width, c_out, height_out, width_out,
+         *grad_out.stride(), *weight.stride(), *grad_in.stride(), stride, padding, float(output_scale), kh, kw),
+        dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+             FP32_DOT=fp32_dot(grad_out.dtype, not interpreting()), num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+    )
 
 
 def pseudo3d_conv_bwd_dx(grad_out, weight, input_shape, stride, padding, output_scale):
     """Gradient of the conv (and of the /output_scale) with respect to the conv's input.
 
     Args:
-        grad_out: (B, C_out, F, H_out, W_out), any strides.
+        grad_out: (B, C_out, F, H_out, W_out), any strides (copied to channels-last unless it is).
         weight: (C_out, C_in, kh, kw).
         input_shape: (B, C_in, F, H, W) of the conv's input.
 
     Returns:
-        (B, C_in, F, H, W) in grad_out's dtype, laid out like the forward's output.
+        (B, C_in, F, H, W) in grad_out's dtype, channels-last.
     """
-    out_dtype = grad_out.dtype
-    grad_out, weight = _interpretable(grad_out), _interpretable(weight)
-    batch, c_in, num_frames, height, width = input_shape
-    c_out, _, kh, kw = weight.shape
-    height_out, width_out = grad_out.shape[-2:]
-    # (B, F, C_in, H, W) -> (B, C_in, F, H, W)
-    grad_in = torch.empty(batch, num_frames, c_in, height, width, device=grad_out.device, dtype=grad_out.dtype)
-    grad_in = grad_in.transpose(1, 2)
-    cfg = pick_conv_config(c_in, grad_out.dtype)
-    grid = (triton.cdiv(height * width, cfg.BLOCK_M), triton.cdiv(c_in, cfg.BLOCK_N), batch * num_frames)
-    _pseudo3d_conv_bwd_dx_kernel[grid](
-        grad_out,
-        weight,
-        grad_in,
-        num_frames,
-        c_in,
-        height,
-        width,
-        c_out,
-        height_out,
-        width_out,
-        *grad_out.stride(),
-        *weight.stride(),
-        *grad_in.stride(),
-        stride,
-        padding,
-        float(output_scale),
-        kh,
-        kw,
-        BLOCK_M=cfg.BLOCK_M,
-        BLOCK_N=cfg.BLOCK_N,
-        BLOCK_K=cfg.BLOCK_K,
-        INPUT_PRECISION=_input_precision(grad_out.dtype),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    return grad_in.to(out_dtype)
+    grad_out = _channels_last(grad_out)
+    grad_in = _empty_channels_last(*input_shape, like=grad_out)
+    _bwd_dx_launch(grad_out, gemm_weight(weight), grad_in, stride, padding, output_scale)()
+    return grad_in
+
+
+def gpu_launches() -> list[Launch]:
+    """Every kernel at every GPU configuration (:func:`pick_conv_config`), launched as the inflated
+    UNet launches it, from meta tensors, for the GPU compile check: SD2's level-0 and level-1
+    ResnetBlock2D convs at a 64x64 latent and 8 frames (320 channels -> BLOCK_N 64, 640 -> 128),
+    channels-last activations, the permuted weight; with every extra (norm, temb, residual) and none."""
+    launches = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for channels, size in ((320, 64), (640, 32)):
+
+            def video(c=channels):  # the model's (1, C, B*F, H, W) view of channels-last activations
+                return _empty_channels_last(1, c, 8, size, size, like=torch.empty(0, dtype=dtype, device="meta"))
+
+            weight = gemm_weight(torch.empty(channels, channels, 3, 3, dtype=dtype, device="meta"))
+            bias = torch.empty(channels, dtype=dtype, device="meta")
+            stats = torch.empty(8, channels, device="meta")
+            temb = torch.empty(1, 8, channels, dtype=dtype, device="meta")
+            label = f"C{channels}-{str(dtype).removeprefix('torch.')}"
+            plain = _fwd_launch(video(), weight, None, None, None, None, None, video(), 1, 1, 1.0)
+            plain.label = label + "-plain"
+            fused = _fwd_launch(video(), weight, bias, stats, stats, temb, video(), video(), 1, 1, 2.0)
+            fused.label = label + "-norm-temb-residual"
+            dx = _bwd_dx_launch(video(), weight, video(), 1, 1, 2.0)
+            dx.label = label
+            launches += [plain, fused, dx]
+        x = _empty_channels_last(1, 320, 8, 64, 64, like=torch.empty(0, dtype=dtype, device="meta"))
+        stats = torch.empty(8, 320, device="meta")
+        gamma = torch.empty(320, dtype=dtype, device="meta")
+        group_norm = _stats_launch(x, gamma, gamma, stats, stats, 32, 1e-5)
+        group_norm.label = f"C320-G32-{str(dtype).removeprefix('torch.')}"
+        launches.append(group_norm)
+    return launches
 
 
 # ----------------------------------------------------------------------------- autograd
 
 
+def _frames_as_batch(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, H, W) -> (B*F, C, H, W)"""
+    return x.transpose(1, 2).flatten(0, 1)
+
+
 def _prologue(x, num_groups, norm_weight, norm_bias, eps):
-    """The reference's GroupNorm+SiLU on a video: (B, C, F, H, W) -> (B, C, F, H, W)."""
-    h = F.silu(F.group_norm(fold_frames(x), num_groups, norm_weight, norm_bias, eps))
-    return unfold_frames(h, x.shape[2])
+    """The forward's GroupNorm+SiLU (fp32 math, rounded to x's dtype): (B, C, F, H, W) -> same."""
+    as_fp32 = [t.float() if t is not None else None for t in (norm_weight, norm_bias)]
+    # contiguous: torch 2.13's CPU group_norm backward segfaults on a channels-last input that
+    # needs no gradient when its weight needs one
+    h = F.silu(F.group_norm(_frames_as_batch(x).float().contiguous(), num_groups, *as_fp32, eps)).to(x.dtype)
+    # (B*F, C, H, W) -> (B, C, F, H, W)
+    return h.unflatten(0, (-1, x.shape[2])).transpose(1, 2)
 
 
 class Pseudo3dConvFunction(torch.autograd.Function):
@@ -628,6 +610,7 @@ class Pseudo3dConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, norm_weight, norm_bias, temb, residual, num_groups, eps, stride, padding, output_scale):
         norm_scale = norm_shift = None
+        x = _channels_last(x)  # read by the statistics and the conv, saved for backward
         if num_groups is not None:
             norm_scale, norm_shift = group_norm_scale_shift(x, num_groups, norm_weight, norm_bias, eps)
         out = pseudo3d_conv_fwd(x, weight, bias, stride, padding, norm_scale, norm_shift, temb, residual, output_scale)
@@ -679,7 +662,8 @@ class Pseudo3dConvFunction(torch.autograd.Function):
         # -- weight: torch (weights are frozen while tuning) --
         if need_w:
             grad_w = torch.nn.grad.conv2d_weight(
-                fold_frames(conv_input.detach()), weight.shape, fold_frames(grad_out) / output_scale, stride, padding
+                _frames_as_batch(conv_input.detach()), weight.shape, _frames_as_batch(grad_out) / output_scale,
+                stride, padding,
             )
         return grad_x, grad_w, grad_b, grad_nw, grad_nb, grad_temb, grad_res, None, None, None, None, None
 
@@ -690,11 +674,7 @@ class Pseudo3dConvFunction(torch.autograd.Function):
 def _check_inputs(x, weight, bias, stride, padding, norm, temb, residual, output_scale):
     """UserError for what the kernels cannot run; x (5D) and weight's C_in are checked by the op."""
     name = "pseudo3d_conv(backend='triton')"
-    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UserError(
-            f"{name}: x is on the CPU but TRITON_INTERPRET is not 1; move the tensors to CUDA, "
-            "use backend='torch', or set TRITON_INTERPRET=1 before triton is imported"
-        )
+    check_tensors(name, x=x, weight=weight, bias=bias, temb=temb, residual=residual)
     if not isinstance(stride, int) or stride < 1:
         raise UserError(f"{name}: stride must be an int >= 1, got {stride!r}; SD uses 1 (or 2 to downsample)")
     if not isinstance(padding, int) or padding < 0:
@@ -733,16 +713,15 @@ def _check_inputs(x, weight, bias, stride, padding, norm, temb, residual, output
             raise UserError(f"{name}: {arg} must have shape {wanted}, got {tuple(tensor.shape)}; fix the caller's {arg}")
         if tensor.device != x.device:
             raise UserError(f"{name}: {arg} is on {tensor.device} but x is on {x.device}; move it to {x.device}")
-        if tensor.dtype != x.dtype and not arg.startswith("norm."):
-            raise UserError(f"{name}: {arg} has dtype {tensor.dtype} but x has {x.dtype}; cast it with .to(x.dtype)")
 
 
-def pseudo3d_conv_triton(x, weight, bias, stride, padding, norm: GroupNormSiLU | None, temb, residual, output_scale):
+def pseudo3d_conv_triton(x, weight, bias, stride, padding, norm, temb, residual, output_scale):
     """Triton backend of :func:`depthvid.ops.pseudo3d_conv`, differentiable in every tensor.
 
     Args:
         x: (B, C_in, F, H, W), any strides. weight: (C_out, C_in, kh, kw). bias: (C_out,) or None.
-        norm: GroupNorm (statistics per (b, f, group)) + SiLU applied to x first, or None.
+        norm: a depthvid.ops.GroupNormSiLU (num_groups, weight, bias, eps: GroupNorm with statistics
+            per (b, f, group), then SiLU, applied to x first; weight and bias in any float dtype), or None.
         temb: (B, C_out) or (B, F, C_out) or None. residual: (B, C_out, F, H_out, W_out) or None.
         output_scale: the sum is divided by it.
 

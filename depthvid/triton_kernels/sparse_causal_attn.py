@@ -48,19 +48,15 @@ is wrong: there, bf16 operands are upcast to fp32 right before each tl.dot (FP32
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from depthvid.errors import UserError
+from depthvid.triton_kernels._common import LOG2E, SUPPORTED_DTYPES, Launch, check_tensors, dot, fp32_dot
 
-LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x * LOG2E)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 # Head dims the GPU compile check covers: SD2's 64 and the padded 40, 80, 160 of other UNets. They
 # reach every (block_d, dtype) entry of _GPU_CONFIGS, i.e. every configuration a launcher can pick.
@@ -70,15 +66,6 @@ COMPILED_HEAD_DIMS = (40, 64, 80, 160)
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dot(a, b, FP32_DOT: tl.constexpr):
-    # fp32 inputs: "ieee" so a GPU computes true fp32 products like the reference, not TF32.
-    # bf16 in the interpreter: its tl.dot is wrong on bf16, so the launcher sets FP32_DOT there.
-    if FP32_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.jit
@@ -104,7 +91,7 @@ def _fwd_key_frame(
         k = tl.load(k_frame_ptr + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(v_frame_ptr + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         # scores in log2 units: qk_scale = scale * log2(e), so exp2 below is exp of the real scores
-        qk = _dot(q, tl.trans(k), FP32_DOT) * qk_scale
+        qk = dot(q, tl.trans(k), FP32_DOT) * qk_scale
         qk = tl.where(col_mask[None, :], qk, float("-inf"))
         # -- online softmax update --
         # every block holds >= 1 valid key (start_n < n_tokens), so m_new is finite
@@ -112,7 +99,7 @@ def _fwd_key_frame(
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, FP32_DOT)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -195,12 +182,12 @@ def _bwd_dq_key_frame(
         k = tl.load(k_frame_ptr + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(v_frame_ptr + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         # P recomputed from the saved LSE (lse2 = LSE * log2(e)): no running max needed
-        qk = _dot(q, tl.trans(k), FP32_DOT) * qk_scale
+        qk = dot(q, tl.trans(k), FP32_DOT) * qk_scale
         p = tl.where(col_mask[None, :], tl.math.exp2(qk - lse2[:, None]), 0.0)
         # dS = P * (dO V^T - rowsum(dO * O)), the softmax backward
-        dp = _dot(do, tl.trans(v), FP32_DOT)
+        dp = dot(do, tl.trans(v), FP32_DOT)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, FP32_DOT)
+        dq += dot(ds.to(k.dtype), k, FP32_DOT)
     return dq
 
 
@@ -292,12 +279,12 @@ def _bwd_dkdv_query_frame(
         lse2 = tl.load(lse_frame_ptr + rows, mask=row_mask, other=0.0) * LOG2E
         delta = tl.load(delta_frame_ptr + rows, mask=row_mask, other=0.0)
         # transposed scores, (BLOCK_N keys, BLOCK_M queries); padded queries get P = 0
-        qk_t = _dot(k, tl.trans(q), FP32_DOT) * qk_scale
+        qk_t = dot(k, tl.trans(q), FP32_DOT) * qk_scale
         p_t = tl.where(row_mask[None, :], tl.math.exp2(qk_t - lse2[None, :]), 0.0)
-        dv += _dot(p_t.to(do.dtype), do, FP32_DOT)
-        dp_t = _dot(v, tl.trans(do), FP32_DOT)
+        dv += dot(p_t.to(do.dtype), do, FP32_DOT)
+        dp_t = dot(v, tl.trans(do), FP32_DOT)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += _dot(ds_t.to(q.dtype), q, FP32_DOT)
+        dk += dot(ds_t.to(q.dtype), q, FP32_DOT)
     return dk, dv
 
 
@@ -437,26 +424,47 @@ def launch_configs(head_dims=COMPILED_HEAD_DIMS, dtypes=SUPPORTED_DTYPES) -> lis
     return [launch_config(head_dim, dtype, on_gpu=True) for head_dim in head_dims for dtype in dtypes]
 
 
-# Which kernel of this file each field of SparseCausalAttnConfig launches (for the compile check).
-KERNELS = {
-    "fwd": _sparse_causal_attn_fwd_kernel,
-    "bwd_dq": _sparse_causal_attn_bwd_dq_kernel,
-    "bwd_dkdv": _sparse_causal_attn_bwd_dkdv_kernel,
-}
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers: allocate outputs, build the grid, return tensors
 # ----------------------------------------------------------------------------------------------
 
 
-def _fp32_dot(dtype: torch.dtype, on_gpu: bool) -> bool:
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and not on_gpu)
+def _fwd_launch(q, k, v, out, lse, num_frames: int, scale: float, config: SparseCausalAttnConfig, on_gpu: bool):
+    rows, heads, tokens, head_dim = q.shape
+    cfg = config.fwd
+    return Launch(
+        _sparse_causal_attn_fwd_kernel, (triton.cdiv(tokens, cfg.block_m), rows, heads),
+        (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+         heads, tokens, num_frames, scale * LOG2E.value),
+        dict(HEAD_DIM=head_dim, BLOCK_D=config.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+             FP32_DOT=fp32_dot(q.dtype, on_gpu), num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+    )
 
 
-def _on_device_of(tensor: torch.Tensor):
-    # Triton launches on the current CUDA device: make it the tensor's (cuda:1 while cuda:0 is current)
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+def _bwd_launches(do, q, k, v, out, lse, delta, dq, dk, dv, num_frames: int, scale: float,
+                  config: SparseCausalAttnConfig, on_gpu: bool) -> tuple[Launch, Launch]:
+    rows, heads, tokens, head_dim = q.shape
+    dq_cfg, dkdv_cfg = config.bwd_dq, config.bwd_dkdv
+    videos = rows // num_frames
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=config.block_d, FP32_DOT=fp32_dot(q.dtype, on_gpu))
+    dq_launch = Launch(
+        _sparse_causal_attn_bwd_dq_kernel, (triton.cdiv(tokens, dq_cfg.block_m), rows, heads),
+        (q, k, v, out, do, dq, lse, delta,
+         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
+         heads, tokens, num_frames, scale, scale * LOG2E.value),
+        dict(common, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
+             num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages),
+    )
+    # same stream, so it starts after the dq kernel has written delta; frame-major last axis
+    dkdv_launch = Launch(
+        _sparse_causal_attn_bwd_dkdv_kernel, (triton.cdiv(tokens, dkdv_cfg.block_n), heads, num_frames * videos),
+        (q, k, v, do, dk, dv, lse, delta,
+         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+         videos, heads, tokens, num_frames, scale, scale * LOG2E.value),
+        dict(common, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
+             num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages),
+    )
+    return dq_launch, dkdv_launch
 
 
 def sparse_causal_attn_fwd(q, k, v, num_frames: int, scale: float, config: SparseCausalAttnConfig | None = None):
@@ -471,21 +479,11 @@ def sparse_causal_attn_fwd(q, k, v, num_frames: int, scale: float, config: Spars
         out: (batch*frames, heads, tokens, head_dim) in q's dtype, contiguous.
         lse: (batch*frames, heads, tokens) fp32, natural-log log-sum-exp of each query's scaled scores.
     """
-    rows, heads, tokens, head_dim = q.shape
     on_gpu = q.is_cuda
-    config = config or launch_config(head_dim, q.dtype, on_gpu)
+    config = config or launch_config(q.shape[-1], q.dtype, on_gpu)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((rows, heads, tokens), dtype=torch.float32, device=q.device)
-    cfg = config.fwd
-    grid = (triton.cdiv(tokens, cfg.block_m), rows, heads)
-    with _on_device_of(q):
-        _sparse_causal_attn_fwd_kernel[grid](
-            q, k, v, out, lse,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            heads, tokens, num_frames, scale * LOG2E.value,
-            HEAD_DIM=head_dim, BLOCK_D=config.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            FP32_DOT=_fp32_dot(q.dtype, on_gpu), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    _fwd_launch(q, k, v, out, lse, num_frames, scale, config, on_gpu)()
     return out, lse
 
 
@@ -501,32 +499,33 @@ def sparse_causal_attn_bwd(do, q, k, v, out, lse, num_frames: int, scale: float,
     Returns:
         dq, dk, dv: (batch*frames, heads, tokens, head_dim) in q's dtype, contiguous.
     """
-    rows, heads, tokens, head_dim = q.shape
     on_gpu = q.is_cuda
-    config = config or launch_config(head_dim, q.dtype, on_gpu)
-    fp32_dot = _fp32_dot(q.dtype, on_gpu)
+    config = config or launch_config(q.shape[-1], q.dtype, on_gpu)
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     delta = torch.empty_like(lse)
-
-    dq_cfg, dkdv_cfg = config.bwd_dq, config.bwd_dkdv
-    videos = rows // num_frames
-    with _on_device_of(q):
-        _sparse_causal_attn_bwd_dq_kernel[(triton.cdiv(tokens, dq_cfg.block_m), rows, heads)](
-            q, k, v, out, do, dq, lse, delta,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
-            heads, tokens, num_frames, scale, scale * LOG2E.value,
-            HEAD_DIM=head_dim, BLOCK_D=config.block_d, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
-            FP32_DOT=fp32_dot, num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
-        )
-        # same stream, so it starts after the dq kernel has written delta; frame-major last axis
-        _sparse_causal_attn_bwd_dkdv_kernel[(triton.cdiv(tokens, dkdv_cfg.block_n), heads, num_frames * videos)](
-            q, k, v, do, dk, dv, lse, delta,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            videos, heads, tokens, num_frames, scale, scale * LOG2E.value,
-            HEAD_DIM=head_dim, BLOCK_D=config.block_d, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
-            FP32_DOT=fp32_dot, num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages,
-        )
+    for launch in _bwd_launches(do, q, k, v, out, lse, delta, dq, dk, dv, num_frames, scale, config, on_gpu):
+        launch()
     return dq, dk, dv
+
+
+def gpu_launches(frames: int = 8, tokens: int = 4096) -> list[Launch]:
+    """Every kernel at every GPU configuration, launched as the model launches it: q, k, v are
+    (B*F, N, H, D) projections viewed as (B*F, H, N, D) (SD2's 64-dim heads at a 64x64 latent,
+    and the other head dims with 8 heads), built from meta tensors for the GPU compile check."""
+    launches = []
+    for config in launch_configs():
+        heads = 5 if config.head_dim == 64 else 8
+        shape = (frames, tokens, heads, config.head_dim)
+        q, k, v, out, do, dq, dk, dv = (
+            torch.empty(shape, dtype=config.dtype, device="meta").transpose(1, 2) for _ in range(8)
+        )
+        lse, delta = (torch.empty(q.shape[:3], device="meta") for _ in range(2))
+        label = f"D{config.head_dim}-{str(config.dtype).removeprefix('torch.')}"
+        for launch in (_fwd_launch(q, k, v, out, lse, frames, 0.125, config, True),
+                       *_bwd_launches(do, q, k, v, out, lse, delta, dq, dk, dv, frames, 0.125, config, True)):
+            launch.label = label
+            launches.append(launch)
+    return launches
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,30 +551,6 @@ class SparseCausalAttnFunction(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def _check_triton_inputs(q, k, v) -> None:
-    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise UserError(
-            f"sparse_causal_attention: q, k, v dtypes must all be one of float16/bfloat16/float32 for "
-            f"backend='triton', got {q.dtype}, {k.dtype}, {v.dtype}; cast them or use backend='torch'"
-        )
-    if not (q.device == k.device == v.device):
-        raise UserError(
-            f"sparse_causal_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}; "
-            f"move them with .to(device)"
-        )
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UserError(
-            f"sparse_causal_attention: backend='triton' needs CUDA tensors, got {q.device} tensors without "
-            f"TRITON_INTERPRET=1; move them to a GPU, set TRITON_INTERPRET=1 before importing triton, "
-            f"or use backend='torch'"
-        )
-    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
-        raise UserError(
-            f"sparse_causal_attention: head_dim must be in 1..{MAX_HEAD_DIM} for backend='triton', "
-            f"got {q.shape[-1]}; use backend='torch'"
-        )
-
-
 def sparse_causal_attn_triton(q, k, v, num_frames: int, scale: float) -> torch.Tensor:
     """Sparse-causal attention with the fused Triton kernels (called by depthvid.ops).
 
@@ -587,5 +562,10 @@ def sparse_causal_attn_triton(q, k, v, num_frames: int, scale: float) -> torch.T
     Returns:
         (batch*frames, heads, tokens, head_dim) in the input dtype; differentiable in q, k, v.
     """
-    _check_triton_inputs(q, k, v)
+    check_tensors("sparse_causal_attention", q=q, k=k, v=v)
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+        raise UserError(
+            f"sparse_causal_attention: head_dim must be in 1..{MAX_HEAD_DIM} for backend='triton', "
+            f"got {q.shape[-1]}; use backend='torch'"
+        )
     return SparseCausalAttnFunction.apply(q, k, v, num_frames, float(scale))

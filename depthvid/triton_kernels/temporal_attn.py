@@ -55,20 +55,17 @@ benchmarks/bench_temporal_attn.py.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from depthvid.errors import UserError
+from depthvid.triton_kernels._common import LOG2E, Launch, check_tensors
 
-LOG2E = 1.4426950408889634  # log2(e): softmax in exp2 units
 MAX_BLOCK_F = 16  # query frames per chunk; more frames run as several chunks
 MAX_HEAD_DIM = 256  # BLOCK_D = 256 already fills the register slab with 8 query frames
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # -- kernels ------------------------------------------------------------------------------------
@@ -294,22 +291,27 @@ def launch_configs(
     return configs
 
 
-KERNELS = {"fwd": _temporal_attn_fwd_kernel, "bwd": _temporal_attn_bwd_kernel}
+def _fwd_launch(q, k, v, out, lse, num_frames: int, scale: float) -> Launch:
+    rows, heads, tokens, head_dim = q.shape
+    config = pick_config(num_frames, head_dim, backward=False)
+    return Launch(
+        _temporal_attn_fwd_kernel, (triton.cdiv(tokens, config.BLOCK_N), heads, rows // num_frames),
+        (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+         num_frames, tokens, head_dim, scale * LOG2E.value),
+        dict(config.constexprs, num_warps=config.num_warps),
+    )
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _interpreter_rounds_bf16_down(tensor: torch.Tensor) -> bool:
-    """The interpreter converts fp32 -> bf16 by truncation (a GPU rounds to nearest even), so on
-    CPU bf16 tensors run through the kernels as fp32 and torch rounds the results."""
-    return tensor.dtype == torch.bfloat16 and _interpreting()
-
-
-def _device_guard(tensor: torch.Tensor):
-    """Launch on the tensor's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+def _bwd_launch(q, k, v, out, lse, grad_out, dq, dk, dv, num_frames: int, scale: float) -> Launch:
+    rows, heads, tokens, head_dim = q.shape
+    config = pick_config(num_frames, head_dim, backward=True)
+    return Launch(
+        _temporal_attn_bwd_kernel, (triton.cdiv(tokens, config.BLOCK_N), heads, rows // num_frames),
+        (q, k, v, out, grad_out, lse, dq, dk, dv,
+         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *lse.stride(), *dq.stride(),
+         num_frames, tokens, head_dim, scale, scale * LOG2E.value),
+        dict(config.constexprs, num_warps=config.num_warps),
+    )
 
 
 # -- launchers ----------------------------------------------------------------------------------
@@ -327,23 +329,10 @@ def temporal_attn_fwd(q, k, v, num_frames: int, scale: float):
         out: (batch*frames, heads, tokens, head_dim), contiguous, q's dtype.
         lse: (batch*frames, heads, tokens) fp32, log-sum-exp of the scaled scores in log2 units.
     """
-    if _interpreter_rounds_bf16_down(q):
-        out, lse = temporal_attn_fwd(q.float(), k.float(), v.float(), num_frames, scale)
-        return out.to(q.dtype), lse
-    rows, heads, tokens, head_dim = q.shape
-    out = torch.empty((rows, heads, tokens, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((rows, heads, tokens), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out, lse
-    config = pick_config(num_frames, head_dim, backward=False)
-    grid = (triton.cdiv(tokens, config.BLOCK_N), heads, rows // num_frames)
-    with _device_guard(q):
-        _temporal_attn_fwd_kernel[grid](
-            q, k, v, out, lse,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-            num_frames, tokens, head_dim, scale * LOG2E,
-            **config.constexprs, num_warps=config.num_warps,
-        )
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    if out.numel():
+        _fwd_launch(q, k, v, out, lse, num_frames, scale)()
     return out, lse
 
 
@@ -357,24 +346,38 @@ def temporal_attn_bwd(q, k, v, out, lse, grad_out, num_frames: int, scale: float
     Returns:
         dq, dk, dv: (batch*frames, heads, tokens, head_dim), contiguous, q's dtype.
     """
-    if _interpreter_rounds_bf16_down(q):
-        grads = temporal_attn_bwd(*(t.float() for t in (q, k, v, out)), lse, grad_out.float(), num_frames, scale)
-        return tuple(g.to(q.dtype) for g in grads)
-    rows, heads, tokens, head_dim = q.shape
-    dq, dk, dv = (torch.empty((rows, heads, tokens, head_dim), dtype=q.dtype, device=q.device) for _ in range(3))
-    if dq.numel() == 0:
-        return dq, dk, dv
-    config = pick_config(num_frames, head_dim, backward=True)
-    grid = (triton.cdiv(tokens, config.BLOCK_N), heads, rows // num_frames)
-    with _device_guard(q):
-        _temporal_attn_bwd_kernel[grid](
-            q, k, v, out, grad_out, lse, dq, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *lse.stride(),
-            *dq.stride(),
-            num_frames, tokens, head_dim, scale, scale * LOG2E,
-            **config.constexprs, num_warps=config.num_warps,
-        )
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    if dq.numel():
+        _bwd_launch(q, k, v, out, lse, grad_out, dq, dk, dv, num_frames, scale)()
     return dq, dk, dv
+
+
+def gpu_launches(tokens: int = 4096) -> list[Launch]:
+    """Every configuration of :func:`launch_configs` in every dtype, launched as the model launches
+    it (q, k, v are (B*F, N, H, D) projections viewed as (B*F, H, N, D)), from meta tensors, for the
+    GPU compile check. The frame count is the smallest one that picks the configuration; head
+    dims 64, 80 and 160 reach every BLOCK_D (40 shares 64's, see :func:`launch_configs`)."""
+    launches = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for head_dim in (64, 80, 160):
+            seen = set()
+            for frames in range(1, 2 * MAX_BLOCK_F + 1):
+                configs = (pick_config(frames, head_dim, backward=False), pick_config(frames, head_dim, backward=True))
+                if configs in seen:
+                    continue
+                seen.add(configs)
+                heads = 5 if head_dim == 64 else 8
+                q, k, v, out, grad_out, dq, dk, dv = (
+                    torch.empty(frames, tokens, heads, head_dim, dtype=dtype, device="meta").transpose(1, 2)
+                    for _ in range(8)
+                )
+                lse = torch.empty(q.shape[:3], device="meta")
+                label = f"D{head_dim}-F{frames}-{str(dtype).removeprefix('torch.')}"
+                for launch in (_fwd_launch(q, k, v, out, lse, frames, 0.125),
+                               _bwd_launch(q, k, v, out, lse, grad_out, dq, dk, dv, frames, 0.125)):
+                    launch.label = label
+                    launches.append(launch)
+    return launches
 
 
 # -- autograd -----------------------------------------------------------------------------------
@@ -397,7 +400,7 @@ class TemporalAttnFunction(torch.autograd.Function):
 
 
 def temporal_attn_triton(q, k, v, num_frames: int, scale: float) -> torch.Tensor:
-    """Temporal attention with the fused Triton kernels; differentiable in q, k and v.
+    """Temporal attention with the fused Triton kernels; differentiable in q and k and v.
 
     Args:
         q, k, v: (batch*frames, heads, tokens, head_dim), frames of one video contiguous, one
@@ -409,24 +412,10 @@ def temporal_attn_triton(q, k, v, num_frames: int, scale: float) -> torch.Tensor
     Returns:
         (batch*frames, heads, tokens, head_dim) in q's dtype.
     """
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-        raise UserError(
-            f"temporal_attention: q, k, v dtypes must be one of float16/bfloat16/float32 for "
-            f"backend='triton', got {q.dtype}, {k.dtype}, {v.dtype}; cast them or use backend='torch'"
-        )
+    check_tensors("temporal_attention", q=q, k=k, v=v)
     if q.shape[-1] > MAX_HEAD_DIM:
         raise UserError(
             f"temporal_attention: head_dim must be <= {MAX_HEAD_DIM} for backend='triton', got "
             f"{q.shape[-1]}; use more heads or backend='torch'"
-        )
-    if not (q.device == k.device == v.device):
-        raise UserError(
-            f"temporal_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}; "
-            "move them to the same device"
-        )
-    if not q.is_cuda and not _interpreting():
-        raise UserError(
-            f"temporal_attention: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got "
-            f"device {q.device}; move the tensors to a GPU or use backend='torch'"
         )
     return TemporalAttnFunction.apply(q, k, v, num_frames, scale)

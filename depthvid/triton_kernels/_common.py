@@ -1,0 +1,110 @@
+"""What the three Triton kernel files share, declared once: dtype and device checks, the device
+guard, the interpreter's bf16 workaround, LOG2E, and :class:`Launch` (one kernel launch as a
+launcher makes it, which the GPU compile check rebuilds from meta tensors).
+
+Interpreter facts (TRITON_INTERPRET=1, triton 3.9, measured): fp16 loads, arithmetic and tl.dot
+are exact; bf16 loads and conversions are exact, but bf16 arithmetic and tl.dot on bf16 operands
+are silently wrong, and fp32 -> bf16 conversions truncate (a GPU rounds to nearest even). So
+every kernel converts loaded tiles to fp32 before arithmetic, and a ``FP32_DOT`` constexpr (set
+for bf16 under the interpreter, and for fp32 everywhere) upcasts the dot operands: bf16 data
+really is bf16 in memory and is rounded to bf16 where a GPU rounds it (by truncation here, so
+bf16 tests allow one more ulp).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from depthvid.errors import UserError
+
+LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x * LOG2E): softmax in exp2 units
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _interpret_like_a_gpu_build() -> None:
+    """The interpreter checks every int32 add/sub/mul for overflow, which a GPU build does only
+    with debug=True; measured here it was over half the interpreted time of the conv kernels.
+    Switch it off like a GPU build (DEPTHVID_INTERPRETER_OVERFLOW_CHECKS=1 keeps it)."""
+    if not interpreting() or os.environ.get("DEPTHVID_INTERPRETER_OVERFLOW_CHECKS") == "1":
+        return
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
+
+
+_interpret_like_a_gpu_build()
+
+
+def device_guard(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's (cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def fp32_dot(dtype: torch.dtype, on_gpu: bool) -> bool:
+    """FP32_DOT for a kernel whose tensors have ``dtype``: fp32 inputs get true fp32 products
+    ("ieee", not TF32, like the reference); bf16 in the interpreter, whose bf16 dot is wrong."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and not on_gpu)
+
+
+@triton.jit
+def dot(a, b, FP32_DOT: tl.constexpr):
+    """a @ b with an fp32 result; see :func:`fp32_dot` for FP32_DOT."""
+    if FP32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+def check_tensors(op: str, **tensors: torch.Tensor | None) -> None:
+    """UserError unless the given tensors (None = absent) share one supported dtype and one device
+    that Triton can run on here."""
+    present = {name: t for name, t in tensors.items() if t is not None}
+    first_name, first = next(iter(present.items()))
+    for name, tensor in present.items():
+        if tensor.dtype not in SUPPORTED_DTYPES or tensor.dtype != first.dtype:
+            got = ", ".join(f"{n}={t.dtype}" for n, t in present.items())
+            raise UserError(
+                f"{op}: backend='triton' needs {', '.join(present)} in one dtype out of float16/bfloat16/"
+                f"float32, got {got}; cast them (or run under torch.autocast) or use backend='torch'"
+            )
+        if tensor.device != first.device:
+            raise UserError(
+                f"{op}: {name} is on {tensor.device} but {first_name} is on {first.device}; move it there"
+            )
+    if not first.is_cuda and not interpreting():
+        raise UserError(
+            f"{op}: backend='triton' needs CUDA tensors, got {first.device} tensors without TRITON_INTERPRET=1; "
+            "move them to a GPU, set TRITON_INTERPRET=1 before triton is imported, or use backend='torch'"
+        )
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch exactly as a launcher makes it: grid, positional arguments, constexprs
+    and launch options (num_warps, num_stages). Calling it launches on the first tensor's device;
+    tests/_gpu_compile.py compiles the same arguments, built from meta tensors, for sm_80/sm_90."""
+
+    kernel: triton.runtime.JITFunction
+    grid: tuple
+    args: tuple
+    kwargs: dict
+    label: str = ""  # what the compile check prints for this configuration
+
+    def __call__(self) -> None:
+        device_of = next(arg for arg in self.args if isinstance(arg, torch.Tensor))
+        with device_guard(device_of):
+            self.kernel[self.grid](*self.args, **self.kwargs)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__
