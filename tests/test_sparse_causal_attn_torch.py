@@ -131,3 +131,27 @@ def test_concatenated_keys_are_never_built(attention, builds_2n):
         out = attention(q, k, v, 5, 0.25)
         torch.autograd.grad(out, (q, k, v), grad_out)
     assert (2 * tokens in seen.lengths) == builds_2n, seen.lengths
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "head_dim_stride_2",  # every other element of a wider buffer
+        "heads_innermost",  # (B*F, N, D, H) storage permuted to (B*F, H, N, D)
+        "tokens_innermost",  # (B*F, H, D, N) storage transposed
+    ],
+)
+def test_merge_handles_a_non_unit_head_dim_stride(layout):
+    rows, heads, tokens, head_dim = 5, 2, 33, 40
+    generator = torch.Generator().manual_seed(1)
+
+    def make():
+        if layout == "head_dim_stride_2":
+            return torch.randn(rows, heads, tokens, 2 * head_dim, generator=generator)[..., ::2]
+        if layout == "heads_innermost":
+            return torch.randn(rows, tokens, head_dim, heads, generator=generator).permute(0, 3, 1, 2)
+        return torch.randn(rows, heads, head_dim, tokens, generator=generator).transpose(-1, -2)
+
+    q, k, v, grad_out = make(), make(), make(), make()
+    assert q.stride(-1) != 1
+    assert_merge_matches_concat(q, k, v, grad_out, num_frames=5)

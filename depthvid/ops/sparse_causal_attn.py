@@ -72,6 +72,8 @@ class SparseCausalAttnLSEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, num_frames: int, scale: float):
+        # aten's CPU flash kernel reads the head dim as if its stride were 1, whatever the strides say
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         out, lse = _flash_fwd(q, _first_frame(k, num_frames), _first_frame(v, num_frames), scale=scale)
         if num_frames > 2:
             out_b, lse_b = _flash_fwd(
