@@ -1,7 +1,7 @@
 // Argument checks shared by the attention ops' CPU and CUDA entry points.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace depthvid {
 

@@ -9,7 +9,10 @@
 //                        recomputed normalised input: no activation is saved besides x.
 // conv_epilogue          (conv + temb + residual) / output_scale, unfolding (B*F, C, H, W) back
 //                        to (B, C, F, H, W) in the same pass.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -11,7 +11,9 @@
 //           0 is read by every frame, so each thread accumulates frame 0's dK/dV in its own
 //           buffer and the buffers are summed at the end (no atomics, deterministic per thread count).
 // bf16/fp16 inputs are computed in fp32 (converted once at the boundary), results cast back.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -4,7 +4,8 @@
 // softmax in registers/L1 and writes the F output rows back in place. Saves lse per row.
 // The backward recomputes P = exp(S - lse) from the same F x F scores; every gradient of a token
 // belongs to its task, so nothing is shared between threads.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
