@@ -6,7 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+#include <bit>
 
 #if defined(__CUDACC__)
 #define HOST_DEVICE_INLINE __host__ __device__ __forceinline__
@@ -24,9 +24,11 @@ HOST_DEVICE_INLINE float fast_exp(float x) {
 #if defined(__CUDA_ARCH__)
   return exp2f(x * 1.4426950408889634f);
 #else
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  // x = n * ln2 + r, |r| <= ln2 / 2; exp(x) = 2^n * exp(r)
-  const float n = std::nearbyint(x * 1.4426950408889634f);
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  // x = n * ln2 + r, |r| <= ln2 / 2; exp(x) = 2^n * exp(r). Adding and subtracting 1.5 * 2^23
+  // rounds to the nearest integer without a libm call, so the loop stays vectorisable.
+  const float n = (x * 1.4426950408889634f + 12582912.0f) - 12582912.0f;
   const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln2 split hi + lo
   float p = 1.9875691500e-4f;  // Taylor-like minimax coefficients of exp(r)
   p = p * r + 1.3981999507e-3f;
@@ -36,9 +38,7 @@ HOST_DEVICE_INLINE float fast_exp(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n as float bits
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return p * std::bit_cast<float>(bits);
 #endif
 }
 

@@ -52,10 +52,14 @@ def cpp_available() -> bool:
 
 
 def _cpp_runs_on(tensor: torch.Tensor) -> bool:
-    """depthvid._C has CPU kernels always, CUDA kernels only when built with CUDA."""
+    """depthvid._C has CPU kernels always; CUDA kernels (fp16/bf16 tensor-core tiles) only when built with CUDA."""
     from depthvid import extension
 
-    return cpp_available() and (tensor.device.type == "cpu" or (tensor.is_cuda and extension.build_info()["cuda"]))
+    if not cpp_available():
+        return False
+    if tensor.device.type == "cpu":
+        return True
+    return tensor.is_cuda and extension.build_info()["cuda"] and tensor.dtype in (torch.float16, torch.bfloat16)
 
 
 @functools.cache
@@ -100,7 +104,7 @@ def _available_backend(backend: str | None, tensor: torch.Tensor) -> str:
         from depthvid import extension
 
         fallback = "triton" if tensor.is_cuda and triton_available() else "torch"
-        reason = extension.unavailable_reason() if not cpp_available() else "built without CUDA kernels"
+        reason = extension.unavailable_reason() if not cpp_available() else "no C++/CUDA kernel for this device and dtype"
         _warn_once(f"depthvid: {reason}; using {fallback!r}")
         return fallback
     if backend == "triton" and not triton_available():
