@@ -8,8 +8,8 @@ forward + backward. Each case times its own variant with pytest-benchmark and st
 forward + backward adds, measured in a fresh subprocess per variant.
 
 Variants (issue 11's targets in brackets):
-  sparse-causal  concat   the torch reference: SDPA over cat(frame 0, frame f-1) for f >= 2
-                 lse      two SDPA calls (frame 0, frame f-1) merged by their log-sum-exp
+  sparse-causal  concat   SDPA over cat(frame 0, frame f-1) for f >= 2 (sparse_causal_attention_concat)
+                 lse      the torch backend on CPU: two flash calls merged by their log-sum-exp
                  cpp      depthvid._C  [time <= 0.7x concat and <= 1.0x lse; peak memory <= 0.6x concat]
   temporal       torch    transpose + SDPA + transpose (the torch reference)
                  cpp      depthvid._C  [time <= 0.7x torch]
@@ -23,56 +23,18 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from depthvid import extension
 from depthvid.ops import sparse_causal_attention, temporal_attention
+from depthvid.ops.sparse_causal_attn import sparse_causal_attention_concat
 
 SHAPE = dict(frames=8, heads=5, tokens=4096, head_dim=64)
 THREADS = 2
 REPEATS = 3
-FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-
-
-class LseMergedSparseCausal(torch.autograd.Function):
-    """Frames f >= 2 attend to frame 0 and frame f-1 with one flash call each, merged in fp32 by
-    lse = logaddexp(lse_0, lse_prev); the backward gives each call the merged out/lse (DESIGN.md)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, frames, scale):
-        # (F, H, N, D): frames 0 and 1 attend to frame 0; frames >= 2 to frame 0 and f-1
-        first_k, first_v = k[:1].expand_as(q), v[:1].expand_as(q)
-        out0, lse0 = FLASH(q, first_k, first_v, scale=scale)
-        out, lse = out0.clone(), lse0.clone()
-        if frames > 2:
-            out1, lse1 = FLASH(q[2:], k[1:-1], v[1:-1], scale=scale)
-            merged = torch.logaddexp(lse0[2:], lse1)
-            out[2:] = out0[2:] * torch.exp(lse0[2:] - merged)[..., None] + out1 * torch.exp(lse1 - merged)[..., None]
-            lse[2:] = merged
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.frames, ctx.scale = frames, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-        first_k, first_v = k[:1].expand_as(q), v[:1].expand_as(q)
-        dq, dk0, dv0 = backward(grad_out, q, first_k, first_v, out, lse, 0.0, False, scale=ctx.scale)
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-        dk[0], dv[0] = dk0.sum(0), dv0.sum(0)
-        if ctx.frames > 2:
-            dq1, dk1, dv1 = backward(grad_out[2:], q[2:], k[1:-1], v[1:-1], out[2:], lse[2:], 0.0, False, scale=ctx.scale)
-            dq[2:] += dq1
-            dk[1:-1] += dk1
-            dv[1:-1] += dv1
-        return dq, dk, dv, None, None
-
-
 def sparse_variant(name):
-    if name == "lse":
-        return lambda q, k, v, frames: LseMergedSparseCausal.apply(q, k, v, frames, q.shape[-1] ** -0.5)
-    backend = {"concat": "torch", "cpp": "cpp"}[name]
+    if name == "concat":
+        return lambda q, k, v, frames: sparse_causal_attention_concat(q, k, v, frames, q.shape[-1] ** -0.5)
+    backend = {"lse": "torch", "cpp": "cpp"}[name]  # on CPU the torch backend is the LSE merge
     return lambda q, k, v, frames: sparse_causal_attention(q, k, v, frames, backend=backend)
 
 

@@ -1,4 +1,5 @@
-"""Shared by the depthvid._C tests: skip-if-unbuilt marker and the dtype-aware comparison."""
+"""Shared by the depthvid._C tests: skip-if-unbuilt marker, the dtype-aware comparison and the
+attention ops' output-and-gradient check."""
 from __future__ import annotations
 
 import pytest
@@ -36,3 +37,26 @@ def assert_close_to_torch(names, got, want, exact=None):
         torch_error = (w.double() - ref).abs().max().item()
         bound = BF16_ERROR_RATIO * torch_error + 1e-6
         assert cpp_error <= bound, f"{name}: max error {cpp_error:.3g} > {bound:.3g} (torch's {torch_error:.3g})"
+
+
+def random_tensors(shape, dtype, count=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator).to(dtype) for _ in range(count)]
+
+
+def attention_results(op, q, k, v, grad_out, num_frames):
+    """[out, dq, dk, dv] of ``op(q, k, v, num_frames)``."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = op(q, k, v, num_frames)
+    return [out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out)]
+
+
+def check_attention(op, reference, q, k, v, grad_out, num_frames):
+    """The public attention ``op`` on the cpp backend against ``reference(q, k, v, num_frames)``
+    in the same dtype (and in fp64 for the bf16 bounds)."""
+    got = attention_results(lambda *args: op(*args, backend="cpp"), q, k, v, grad_out, num_frames)
+    want = attention_results(reference, q, k, v, grad_out, num_frames)
+    exact = None
+    if q.dtype != torch.float32:
+        exact = attention_results(reference, *(t.double() for t in (q, k, v, grad_out)), num_frames)
+    assert_close_to_torch(("out", "dq", "dk", "dv"), got, want, exact)

@@ -3,31 +3,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _extension_checks import DTYPES, assert_close_to_torch, requires_extension
+from _extension_checks import DTYPES, check_attention, random_tensors, requires_extension
 
 from depthvid.ops import temporal_attention
 
 pytestmark = requires_extension
 
 
-def output_and_grads(q, k, v, grad_out, num_frames, backend):
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = temporal_attention(q, k, v, num_frames, backend=backend)
-    return [out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out)]
-
-
 def check(q, k, v, grad_out, num_frames):
-    got = output_and_grads(q, k, v, grad_out, num_frames, "cpp")
-    want = output_and_grads(q, k, v, grad_out, num_frames, "torch")
-    exact = None
-    if q.dtype != torch.float32:
-        exact = output_and_grads(*(t.double() for t in (q, k, v, grad_out)), num_frames, "torch")
-    assert_close_to_torch(("out", "dq", "dk", "dv"), got, want, exact)
+    def torch_backend(q, k, v, num_frames):
+        return temporal_attention(q, k, v, num_frames, backend="torch")
 
-
-def random_tensors(shape, dtype, count=4, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=generator).to(dtype) for _ in range(count)]
+    check_attention(temporal_attention, torch_backend, q, k, v, grad_out, num_frames)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
