@@ -82,7 +82,8 @@ def test_model_layout_view_and_no_affine():
         out = pseudo3d_conv(leaf, weight, None, 1, 1, backend, norm=GroupNormSiLU(2, None, None))
         (grad,) = torch.autograd.grad(out.square().sum(), leaf)
         results[backend] = out.detach(), grad
-    torch.testing.assert_close(results["cpp"], results["torch"], atol=2e-5, rtol=2e-5)
+    # the loss is a sum of squares over 1680 outputs: its gradients reach ~10, hence 1e-4
+    torch.testing.assert_close(results["cpp"], results["torch"], atol=1e-4, rtol=1e-4)
 
 
 def test_bad_arguments_are_rejected_by_name():
