@@ -12,8 +12,8 @@ pytestmark = requires_extension
 
 
 def concat_reference(q, k, v, num_frames):
-    """The definition (SDPA over cat(frame 0, frame f-1)), any strides. The CPU torch backend's
-    log-sum-exp merge is not used here: it returns wrong values for a non-unit head_dim stride."""
+    """The definition: SDPA over cat(frame 0, frame f-1), any strides (an independent formulation
+    from the CPU torch backend's log-sum-exp merge)."""
     return sparse_causal_attention_concat(q, k, v, num_frames, q.shape[-1] ** -0.5)
 
 
