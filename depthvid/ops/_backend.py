@@ -46,11 +46,20 @@ def triton_available() -> bool:
 
 @functools.cache
 def cpp_available() -> bool:
-    try:
-        from depthvid import _C  # noqa: F401
-    except ImportError:
+    from depthvid import extension
+
+    return extension.available()
+
+
+def _cpp_runs_on(tensor: torch.Tensor) -> bool:
+    """depthvid._C has CPU kernels always; CUDA kernels (fp16/bf16 tensor-core tiles) only when built with CUDA."""
+    from depthvid import extension
+
+    if not cpp_available():
         return False
-    return True
+    if tensor.device.type == "cpu":
+        return True
+    return tensor.is_cuda and extension.build_info()["cuda"] and tensor.dtype in (torch.float16, torch.bfloat16)
 
 
 @functools.cache
@@ -91,9 +100,12 @@ def _available_backend(backend: str | None, tensor: torch.Tensor) -> str:
         return "triton" if tensor.is_cuda and triton_available() else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS} or None")
-    if backend == "cpp" and not (cpp_available() and tensor.is_cuda):
+    if backend == "cpp" and not _cpp_runs_on(tensor):
+        from depthvid import extension
+
         fallback = "triton" if tensor.is_cuda and triton_available() else "torch"
-        _warn_once(f"depthvid: C++/CUDA extension unavailable for this tensor; using {fallback!r}")
+        reason = extension.unavailable_reason() if not cpp_available() else "no C++/CUDA kernel for this device and dtype"
+        _warn_once(f"depthvid: {reason}; using {fallback!r}")
         return fallback
     if backend == "triton" and not triton_available():
         _warn_once("depthvid: triton is not installed; using the torch backend")

@@ -87,6 +87,10 @@ def pseudo3d_conv(
             f"pseudo3d_conv: weight must be (C_out, C_in={x.shape[1]}, kh, kw), got {tuple(weight.shape)}"
         )
     backend = resolve_backend(backend, x, "pseudo3d_conv")
+    if backend == "cpp":
+        from depthvid.extension.pseudo3d_conv import pseudo3d_conv_cpp
+
+        return call_backend(pseudo3d_conv_cpp, x, weight, bias, stride, padding, norm, temb, residual, output_scale)
     if backend == "triton":
         from depthvid.triton_kernels.pseudo3d_conv import pseudo3d_conv_triton
 

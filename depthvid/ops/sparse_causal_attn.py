@@ -151,6 +151,10 @@ def sparse_causal_attention(q, k, v, num_frames: int, scale: float | None = None
     check_video_attention_inputs(q, k, v, num_frames, "sparse_causal_attention")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = resolve_backend(backend, q, "sparse_causal_attention")
+    if backend == "cpp":
+        from depthvid.extension.sparse_causal_attn import sparse_causal_attn_cpp
+
+        return call_backend(sparse_causal_attn_cpp, q, k, v, num_frames, scale)
     if backend == "triton":
         from depthvid.triton_kernels.sparse_causal_attn import sparse_causal_attn_triton
 

@@ -36,6 +36,10 @@ def temporal_attention(q, k, v, num_frames: int, scale: float | None = None, bac
     check_video_attention_inputs(q, k, v, num_frames, "temporal_attention")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = resolve_backend(backend, q, "temporal_attention")
+    if backend == "cpp":
+        from depthvid.extension.temporal_attn import temporal_attn_cpp
+
+        return call_backend(temporal_attn_cpp, q, k, v, num_frames, scale)
     if backend == "triton":
         from depthvid.triton_kernels.temporal_attn import temporal_attn_triton
 

@@ -1,0 +1,138 @@
+"""depthvid._C as a whole: it is built by the README's install, reports its build, every op passes
+torch.library.opcheck (schema, fake kernel, autograd registration), and the inflated UNet gives
+the torch backend's output and gradients with backend "cpp"."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from _extension_checks import requires_extension
+from test_inflate import make_inputs, randomize_temporal
+
+from depthvid import extension
+from depthvid.models import mark_trainable, trainable_parameters
+from depthvid.ops import GroupNormSiLU, pseudo3d_conv, sparse_causal_attention, temporal_attention, use_backend
+
+
+@pytest.mark.skipif(os.environ.get("DEPTHVID_SKIP_EXTENSION") == "1", reason="DEPTHVID_SKIP_EXTENSION=1 install")
+def test_the_install_built_the_extension_for_this_torch():
+    info = extension.build_info()
+    assert info["built"], info["error"]
+    assert info["error"] is None and info["torch"] == torch.__version__
+    assert info["cuda"] == bool(info["cuda_archs"])
+
+
+def test_build_info_without_the_extension_says_what_to_do():
+    """In a process where depthvid._C cannot load, build_info says why and the cpp backend falls
+    back to torch with one warning naming the install command."""
+    script = (
+        "import sys, warnings, torch; sys.modules['depthvid._C'] = None\n"  # makes `from depthvid import _C` fail
+        "from depthvid import extension; from depthvid.ops import temporal_attention\n"
+        "info = extension.build_info(); assert not info['built'] and 'depthvid._C' in info['error'], info\n"
+        "q = torch.randn(2, 1, 3, 4)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    temporal_attention(q, q, q, 2, backend='cpp'); temporal_attention(q, q, q, 2, backend='cpp')\n"
+        "print([str(w.message) for w in caught])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    (message,) = eval(result.stdout.strip().splitlines()[-1])
+    assert "depthvid._C unavailable" in message and "--no-build-isolation" in message and "using 'torch'" in message
+
+
+def _requires_grad(*tensors):
+    return [t.requires_grad_() for t in tensors]
+
+
+def opcheck_cases():
+    q, k, v = _requires_grad(*(torch.randn(6, 2, 9, 16) for _ in range(3)))
+    x = torch.randn(2, 4, 3, 5, 6, requires_grad=True)
+    norm_weight, norm_bias = _requires_grad(torch.rand(4) + 0.5, torch.randn(4))
+    conv = torch.randn(6, 3, 5, 6, requires_grad=True)
+    temb, residual = _requires_grad(torch.randn(2, 3, 3), torch.randn(2, 3, 3, 5, 6))
+    ops = torch.ops.depthvid
+    out, lse = ops.sparse_causal_attn_fwd(q, k, v, 3, 0.25)
+    t_out, t_lse = ops.temporal_attn_fwd(q, k, v, 3, 0.25)
+    h, mean, rstd = ops.group_norm_silu(x, 2, norm_weight, norm_bias, 1e-5)
+    detached = [t.detach() for t in (q, k, v, out, lse, t_lse, x, mean, rstd, h)]
+    dq, dk, dv, d_out, d_lse, d_tlse, dx, d_mean, d_rstd, dh = detached
+    return [
+        (ops.sparse_causal_attn_fwd.default, (q, k, v, 3, 0.25)),
+        (ops.sparse_causal_attn_bwd.default, (torch.randn(6, 2, 9, 16), dq, dk, dv, d_out, d_lse, 3, 0.25)),
+        (ops.temporal_attn_fwd.default, (q, k, v, 3, 0.25)),
+        (ops.temporal_attn_bwd.default, (torch.randn(6, 2, 9, 16), dq, dk, dv, d_tlse, 3, 0.25)),
+        (ops.group_norm_silu.default, (x, 2, norm_weight, norm_bias, 1e-5)),
+        (ops.group_norm_silu.default, (x, 2, None, None, 1e-5)),
+        (ops.group_norm_silu_bwd.default, (torch.randn_like(dh), dx, d_mean, d_rstd, 2, norm_weight.detach(), None)),
+        (ops.conv_epilogue.default, (conv, 3, temb, residual, 2.0)),
+        (ops.conv_epilogue.default, (conv, 3, None, None, 1.0)),
+    ]
+
+
+@requires_extension
+def test_opcheck_every_op():
+    cases = opcheck_cases()
+    checked = {op.name() for op, _ in cases}
+    registered = {f"depthvid::{name}" for name in dir(torch.ops.depthvid) if not name.startswith("_")}
+    assert registered <= checked | {"depthvid::name"}, f"ops without an opcheck: {registered - checked}"
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@requires_extension
+def test_ops_trace_through_torch_compile():
+    """The fake kernels let dynamo trace the ops without graph breaks."""
+    q = torch.randn(4, 2, 8, 16)
+    x = torch.randn(1, 4, 2, 5, 5)
+    weight = torch.randn(3, 4, 3, 3)
+
+    def model(q, x):
+        attn = sparse_causal_attention(q, q, q, 2, backend="cpp") + temporal_attention(q, q, q, 2, backend="cpp")
+        conv = pseudo3d_conv(x, weight, None, backend="cpp", norm=GroupNormSiLU(2, None, None), output_scale=2.0)
+        return attn, conv
+
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for got, want in zip(compiled(q, x), model(q, x)):
+        torch.testing.assert_close(got, want)
+
+
+@requires_extension
+def test_cpp_backend_gives_the_torch_output_and_gradients_on_the_tiny_pipeline(tiny_pipeline_dir, monkeypatch):
+    """The model calls the ops with backend=None, so use_backend("cpp") switches every op inside it."""
+    from diffusers import UNet2DConditionModel
+
+    from depthvid import inflate_unet
+
+    calls = {}
+    for name in ("sparse_causal_attn_fwd", "temporal_attn_fwd", "group_norm_silu", "conv_epilogue"):
+        op = getattr(torch.ops.depthvid, name)
+
+        def counted(*args, _name=name, _op=op):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _op(*args)
+
+        monkeypatch.setattr(torch.ops.depthvid, name, counted)
+
+    video_unet = inflate_unet(UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet"))
+    randomize_temporal(video_unet)
+    mark_trainable(video_unet)
+    sample, timesteps, text = make_inputs(dict(video_unet.unet.config), batch=1, num_frames=3)
+    results = {}
+    for backend in ("torch", "cpp"):
+        video_unet.zero_grad(set_to_none=True)
+        with use_backend(backend):
+            out = video_unet(sample, timesteps, text)
+            out.square().mean().backward()
+        grads = {name: p.grad.clone() for name, p in trainable_parameters(video_unet).items()}
+        results[backend] = out.detach(), grads
+    assert set(calls) == {"sparse_causal_attn_fwd", "temporal_attn_fwd", "group_norm_silu", "conv_epilogue"}
+    (out_torch, grads_torch), (out_cpp, grads_cpp) = results["torch"], results["cpp"]
+    assert torch.isfinite(out_torch).all() and out_torch.abs().amax() > 0
+    torch.testing.assert_close(out_cpp, out_torch, atol=1e-5, rtol=1e-4)
+    assert grads_cpp.keys() == grads_torch.keys() and len(grads_torch) > 0
+    for name, grad in grads_torch.items():
+        torch.testing.assert_close(grads_cpp[name], grad, atol=1e-5, rtol=1e-4, msg=name)
