@@ -1,0 +1,268 @@
+"""What the benchmarks share: the device, the backends worth timing on it, timing and peak-memory
+helpers, SD2-depth's attention shapes at 512x512 x 8 frames, and the model configs they build.
+
+Not a benchmark file itself (pytest collects only bench_*.py here).
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from depthvid.ops._backend import resolve_backend, triton_available
+from depthvid.testing import SD2_DEPTH_UNET_CONFIG
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_CUDA = DEVICE.type == "cuda"
+# the dtypes an op is timed in: fp32 on CPU (the reference); the tuning precisions on a GPU
+OP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16} if ON_CUDA else {"fp32": torch.float32}
+FRAMES = 8  # the paper's clip length
+
+
+@dataclass(frozen=True)
+class AttnShape:
+    """One attention layer of SD2-depth's UNet at 512x512 (64x64 latents) for one video."""
+
+    label: str
+    batch: int
+    frames: int
+    heads: int
+    tokens: int
+    head_dim: int
+
+
+# SD2-depth: 64-dim heads; 5, 10, 20 heads at latent levels 64, 32, 16 and 20 in the 8x8 mid block
+SD2_ATTN_SHAPES = [
+    AttnShape("level0-64x64", 1, FRAMES, 5, 64 * 64, 64),
+    AttnShape("level1-32x32", 1, FRAMES, 10, 32 * 32, 64),
+    AttnShape("level2-16x16", 1, FRAMES, 20, 16 * 16, 64),
+    AttnShape("level3-8x8", 1, FRAMES, 20, 8 * 8, 64),
+]
+
+
+# ---------------------------------------------------------------- backends
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1, where Triton "kernels" are Python loops: no timing meaning."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def op_backends(device: torch.device = DEVICE) -> list[str]:
+    """The depthvid backends that really run on ``device``: the torch reference always; Triton on
+    CUDA (never the interpreter); the C++ extension wherever the backend layer would run it."""
+    names = ["torch"]
+    probe = torch.empty(0, device=device)
+    if device.type == "cuda" and triton_available() and not interpreting():
+        names.append("triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # resolve_backend warns when it falls back
+        if resolve_backend("cpp", probe) == "cpp":
+            names.append("cpp")
+    return names
+
+
+# ---------------------------------------------------------------- timing
+
+
+def synchronize() -> None:
+    if ON_CUDA:
+        torch.cuda.synchronize()
+
+
+def time_call(fn) -> tuple[float, object]:
+    """(seconds, result) of one call of ``fn``, with the device synchronised."""
+    synchronize()
+    started = time.perf_counter()
+    result = fn()
+    synchronize()
+    return time.perf_counter() - started, result
+
+
+def run_benchmark(benchmark, fn, *, budget_s: float, min_rounds: int = 3, max_rounds: int = 50):
+    """Time ``fn`` with pytest-benchmark (median over rounds, one call per round).
+
+    A first, untimed call warms up (allocator, caches, compilation) and sets the number of rounds
+    so that they take about ``budget_s``, at least ``min_rounds``. Returns that call's result.
+    """
+    first_s, result = time_call(fn)
+    rounds = max(min_rounds, min(max_rounds, int(budget_s / max(first_s, 1e-6))))
+
+    def synchronized():
+        fn()
+        synchronize()
+
+    benchmark.pedantic(synchronized, rounds=rounds, warmup_rounds=0, iterations=1)
+    return result
+
+
+def median_seconds(fn, rounds: int) -> float:
+    """Median wall time of ``rounds`` calls of ``fn`` (the caller warms it up first)."""
+    times = sorted(time_call(fn)[0] for _ in range(rounds))
+    return times[len(times) // 2]
+
+
+# ---------------------------------------------------------------- memory
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Counts the storage bytes of every tensor an op creates until that storage is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                storage = tensor.untyped_storage()  # one Python object per storage, kept while it lives
+                key = id(storage)
+                if key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.current += self.live[key]
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key)
+
+
+def peak_memory_bytes(fn) -> int:
+    """Peak bytes of tensor memory one call of ``fn`` adds to what was allocated before it.
+
+    CUDA: the caching allocator's peak. CPU: the peak total size of tensors created by the
+    call's ops while alive (outputs, autograd's saved tensors, gradients); scratch memory
+    inside a kernel is not seen. Same rule for every implementation compared.
+    """
+    if ON_CUDA:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with _LiveTensorBytes() as counter:
+        fn()
+    return counter.peak
+
+
+# ---------------------------------------------------------------- models
+
+
+def scaled_unet_config(width_divisor: int, latent_size: int) -> dict:
+    """SD2-depth's UNet with its channels divided by ``width_divisor`` (heads stay 5/10/20/20)."""
+    if width_divisor == 1:
+        return dict(SD2_DEPTH_UNET_CONFIG, sample_size=latent_size)
+    return dict(
+        SD2_DEPTH_UNET_CONFIG,
+        sample_size=latent_size,
+        block_out_channels=tuple(c // width_divisor for c in SD2_DEPTH_UNET_CONFIG["block_out_channels"]),
+        norm_num_groups=16,  # 32 groups do not divide 80 channels (the 1/4-width level 0)
+    )
+
+
+def scaled_vae_config(width_divisor: int) -> dict:
+    """SD2's AutoencoderKL (x8 downsampling, 4 latent channels), channels divided by ``width_divisor``."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=tuple(c // width_divisor for c in (128, 256, 512, 512)),
+        layers_per_block=2,
+        norm_num_groups=32,
+        latent_channels=4,
+        sample_size=768,
+        scaling_factor=0.18215,
+    )
+
+
+# SD2's text encoder (OpenCLIP ViT-H/14's text tower); its cost does not depend on the frame size
+SD2_TEXT_ENCODER_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=512,
+)
+
+# DPT-Hybrid (Intel/dpt-hybrid-midas, SD2-depth's depth estimator): ViT-B/16 on a BiT backbone, 384x384
+SD2_DEPTH_ESTIMATOR_CONFIG = dict(
+    is_hybrid=True,
+    image_size=384,
+    neck_hidden_sizes=(256, 512, 768, 768),
+    reassemble_factors=(1, 1, 1, 0.5),
+    backbone_featmap_shape=(1, 1024, 24, 24),
+)
+
+
+# ---------------------------------------------------------------- attention cases
+
+TOLERANCES = {torch.float32: dict(atol=1e-4, rtol=1e-3), torch.float16: dict(atol=2e-2, rtol=2e-2),
+              torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def make_attention_inputs(shape: AttnShape, dtype: torch.dtype, requires_grad: bool):
+    """q, k, v (B*F, H, N, D) as an attention processor makes them -- views of a (B*F, N, H*D)
+    projection -- and an output gradient; seeded, so every implementation gets the same tensors."""
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def projected():  # (B*F, N, H*D) -> (B*F, H, N, D) view
+        flat = torch.randn(shape.batch * shape.frames, shape.tokens, shape.heads * shape.head_dim,
+                           generator=generator, device=DEVICE, dtype=dtype)
+        return flat.unflatten(-1, (shape.heads, shape.head_dim)).transpose(1, 2).requires_grad_(requires_grad)
+
+    q, k, v = projected(), projected(), projected()
+    grad_out = torch.randn(q.shape, generator=generator, device=DEVICE, dtype=dtype)
+    return q, k, v, grad_out
+
+
+def attention_step(attend, q, k, v, grad_out, backward: bool):
+    """A no-argument callable: ``attend(q, k, v)``, and with ``backward`` the gradients of q, k, v.
+
+    Returns [out] or [out, dq, dk, dv].
+    """
+    def step():
+        out = attend(q, k, v)
+        if not backward:
+            return [out]
+        return [out, *torch.autograd.grad(out, (q, k, v), grad_out)]
+
+    return step
+
+
+def assert_same_result(results, reference, dtype: torch.dtype, what: str) -> None:
+    """A fast wrong answer is no result: every tensor must match the torch reference's."""
+    for index, (got, want) in enumerate(zip(results, reference, strict=True)):
+        label = "output" if index == 0 else f"gradient {index}"
+        torch.testing.assert_close(got.float(), want.float(), **TOLERANCES[dtype], msg=lambda m: f"{what} {label}: {m}")
+
+
+def reference_result(cache: dict, case, implementation: str, result, reference_step):
+    """The torch reference's result for ``case``: ``result`` itself when ``implementation`` is
+    "torch" (timed first in each case), else computed once. Only the latest case is kept."""
+    if case not in cache:
+        cache.clear()
+        cache[case] = result if implementation == "torch" else reference_step()
+    return cache[case]
+
+
+def memory_cap_bytes() -> int:
+    """The most one baseline may allocate: 3 GiB on CPU (the benchmarks share a machine and must
+    fit in about 6 GB), half of the free memory on a GPU."""
+    if ON_CUDA:
+        return torch.cuda.mem_get_info()[0] // 2
+    return 3 * 2**30
