@@ -37,7 +37,6 @@ from harness import (
     make_attention_inputs,
     memory_cap_bytes,
     op_backends,
-    peak_memory_bytes,
     reference_result,
     run_benchmark,
 )
@@ -45,9 +44,9 @@ from harness import (
 BACKENDS = op_backends()
 IMPLEMENTATIONS = [*BACKENDS, "tav", "tav-materialised", "flex"]
 MODES = ("fwd", "fwd+bwd")
-# CPU FlexAttention compiles a C++ kernel per shape (about a minute each here): the levels that
-# carry the attention time only
-CPU_FLEX_SHAPES = ("level0-64x64", "level1-32x32")
+# CPU FlexAttention compiles a C++ kernel per shape (about a minute each here): level 0, which
+# carries most of the attention time, only
+CPU_FLEX_SHAPES = ("level0-64x64",)
 _references: dict[tuple, list[torch.Tensor]] = {}
 
 
@@ -100,7 +99,9 @@ def test_sparse_causal_attn(benchmark, shape, dtype_name, mode, implementation):
     inputs = make_attention_inputs(shape, dtype, requires_grad=backward)
     step = attention_step(attend_with(implementation, shape), *inputs, backward)
     benchmark.group = f"sparse_causal_attention {shape.label} {dtype_name} {mode}"
-    result = run_benchmark(benchmark, step, budget_s=5.0 if not ON_CUDA else 1.0)
+    # compiled FlexAttention on CPU makes its buffers in C++, out of the tensor counter's sight
+    counted = not (implementation == "flex" and not ON_CUDA)
+    result, peak = run_benchmark(benchmark, step, budget_s=4.0 if not ON_CUDA else 1.0, measure_memory=counted)
     reference = reference_result(_references, (shape, dtype_name, mode), implementation, result,
                                  attention_step(attend_with("torch", shape), *inputs, backward))
     assert_same_result(result, reference, dtype, implementation)
@@ -113,6 +114,5 @@ def test_sparse_causal_attn(benchmark, shape, dtype_name, mode, implementation):
         ours=implementation in BACKENDS,
         device=str(DEVICE),
         tflops=attention_flops(shape, mode) / median_s / 1e12,
-        # compiled FlexAttention bypasses the CPU tensor counter (its buffers are made in C++)
-        peak_mb=None if implementation == "flex" and not ON_CUDA else peak_memory_bytes(step) / 2**20,
+        peak_mb=None if peak is None else peak / 2**20,
     )

@@ -5,6 +5,7 @@ Not a benchmark file itself (pytest collects only bench_*.py here).
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -85,21 +86,35 @@ def time_call(fn) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
-def run_benchmark(benchmark, fn, *, budget_s: float, min_rounds: int = 3, max_rounds: int = 50):
-    """Time ``fn`` with pytest-benchmark (median over rounds, one call per round).
+def run_benchmark(benchmark, fn, *, budget_s: float, min_rounds: int = 3, max_rounds: int = 50,
+                  warm_up: bool = True, measure_memory: bool = False):
+    """Time ``fn`` with pytest-benchmark: one call per round, the median is what counts.
 
-    A first, untimed call warms up (allocator, caches, compilation) and sets the number of rounds
-    so that they take about ``budget_s``, at least ``min_rounds``. Returns that call's result.
+    With ``warm_up``, a first untimed call (allocator, caches, compilation) also sets the number
+    of rounds so that they take about ``budget_s``, at least ``min_rounds``; with
+    ``measure_memory`` that call runs under :func:`peak_memory_bytes`. Without either, exactly
+    ``min_rounds`` rounds. Returns (the last call's result, the peak bytes or None).
     """
-    first_s, result = time_call(fn)
-    rounds = max(min_rounds, min(max_rounds, int(budget_s / max(first_s, 1e-6))))
+    peak, rounds = None, min_rounds
+    if warm_up or measure_memory:
+        def first():
+            return time_call(fn)[0]
+
+        if measure_memory:
+            started = time.perf_counter()
+            peak = peak_memory_bytes(first)
+            first_s = time.perf_counter() - started
+        else:
+            first_s = first()
+        rounds = max(min_rounds, min(max_rounds, int(budget_s / max(first_s, 1e-6))))
 
     def synchronized():
-        fn()
+        result = fn()
         synchronize()
+        return result
 
-    benchmark.pedantic(synchronized, rounds=rounds, warmup_rounds=0, iterations=1)
-    return result
+    result = benchmark.pedantic(synchronized, rounds=rounds, warmup_rounds=0, iterations=1)
+    return result, peak
 
 
 def median_seconds(fn, rounds: int) -> float:
@@ -167,7 +182,7 @@ def scaled_unet_config(width_divisor: int, latent_size: int) -> dict:
         SD2_DEPTH_UNET_CONFIG,
         sample_size=latent_size,
         block_out_channels=tuple(c // width_divisor for c in SD2_DEPTH_UNET_CONFIG["block_out_channels"]),
-        norm_num_groups=16,  # 32 groups do not divide 80 channels (the 1/4-width level 0)
+        norm_num_groups=math.gcd(32, 320 // width_divisor),  # 32 groups do not divide 80 channels
     )
 
 
@@ -180,7 +195,7 @@ def scaled_vae_config(width_divisor: int) -> dict:
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=tuple(c // width_divisor for c in (128, 256, 512, 512)),
         layers_per_block=2,
-        norm_num_groups=32,
+        norm_num_groups=math.gcd(32, 128 // width_divisor),
         latent_channels=4,
         sample_size=768,
         scaling_factor=0.18215,
@@ -266,3 +281,161 @@ def memory_cap_bytes() -> int:
     if ON_CUDA:
         return torch.cuda.mem_get_info()[0] // 2
     return 3 * 2**30
+
+
+# ---------------------------------------------------------------- pipeline scale
+
+
+@dataclass(frozen=True)
+class PipelineScale:
+    """The model size and clip the pipeline benchmarks (tuning, editing, design card) run at."""
+
+    label: str
+    width_divisor: int  # UNet and VAE channels = SD2-depth's / this
+    size: int  # frame height = width, pixels
+    frames: int
+    dtype: torch.dtype  # autocast dtype (fp32: no autocast)
+
+    @property
+    def latent_size(self) -> int:
+        return self.size // 8
+
+
+# the design card's workload: the full SD2-depth architecture, 8 frames of 512x512, fp16 as `depthvid tune` on CUDA
+PAPER_SCALE = PipelineScale("sd2-depth 8x512x512 fp16", 1, 512, FRAMES, torch.float16)
+# on 2 CPU cores: the peer figure's 1/4-width SD2-depth with 8 frames of 256x256, fp32 (DESIGN.md)
+CPU_SCALE = PipelineScale("sd2-depth/4-width 8x256x256 fp32", 4, 256, FRAMES, torch.float32)
+# a toy size that runs every pipeline benchmark in seconds, to check they work: DEPTHVID_BENCH_SCALE=tiny
+TINY_SCALE = PipelineScale("sd2-depth/8-width 8x64x64 fp32 (tiny)", 8, 64, FRAMES, torch.float32)
+SCALES = {"paper": PAPER_SCALE, "cpu": CPU_SCALE, "tiny": TINY_SCALE}
+SCALE_CHOSEN = os.environ.get("DEPTHVID_BENCH_SCALE")  # None: by device
+PIPELINE_SCALE = SCALES[SCALE_CHOSEN] if SCALE_CHOSEN else PAPER_SCALE if ON_CUDA else CPU_SCALE
+
+
+def build_video_unet(scale: PipelineScale, seed: int = 0, device: torch.device | str = DEVICE):
+    """A freshly inflated SD2-depth-shaped VideoUNet on ``device``; the same ``seed``, the same weights."""
+    from diffusers import UNet2DConditionModel
+
+    from depthvid.models import inflate_unet
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        video_unet = inflate_unet(UNet2DConditionModel(**scaled_unet_config(scale.width_divisor, scale.latent_size)))
+    return video_unet
+
+
+def build_vae(scale: PipelineScale, device: torch.device | str = DEVICE):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    with torch.device(device):
+        return AutoencoderKL(**scaled_vae_config(scale.width_divisor)).eval().requires_grad_(False)
+
+
+def build_text_encoder(device: torch.device | str = DEVICE):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(2)
+    with torch.device(device):
+        return CLIPTextModel(CLIPTextConfig(**SD2_TEXT_ENCODER_CONFIG)).eval().requires_grad_(False)
+
+
+def build_scheduler():
+    from diffusers import DDIMScheduler
+
+    from depthvid.testing import SD2_SCHEDULER_CONFIG
+
+    return DDIMScheduler(**SD2_SCHEDULER_CONFIG)
+
+
+def make_clip(scale: PipelineScale) -> torch.Tensor:
+    """The sample clip (a ball passing a pillar) at ``scale``: (F, 3, H, W) in [0, 1] on DEVICE."""
+    from depthvid.testing import make_sample_clip
+
+    return make_sample_clip(scale.frames, scale.size, scale.size).to(DEVICE)
+
+
+def caption_ids(count: int = 1) -> torch.Tensor:
+    """(count, 77) token ids: tokenizing is no cost worth timing, encoding them is."""
+    generator = torch.Generator().manual_seed(3)
+    return torch.randint(0, SD2_TEXT_ENCODER_CONFIG["vocab_size"], (count, 77), generator=generator).to(DEVICE)
+
+
+def make_tuner(video_unet, scale: PipelineScale):
+    """Prepare ``video_unet`` as `depthvid tune` does and return its step, ``step(batch, generator) -> loss``.
+
+    Trainable set only, frozen weights in the autocast dtype on CUDA, gradient checkpointing,
+    AdamW (lr 1e-5), gradient clipping, a loss scaler for fp16: the body of tuning.tune's loop.
+    """
+    from depthvid.models import mark_trainable
+    from depthvid.tuning import autocast, training_loss
+
+    mark_trainable(video_unet)
+    if ON_CUDA and scale.dtype != torch.float32:
+        for param in video_unet.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(scale.dtype)
+    video_unet.enable_gradient_checkpointing()
+    video_unet.train()
+    params = [p for p in video_unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    scaler = torch.amp.GradScaler(DEVICE.type, enabled=scale.dtype == torch.float16)
+    scheduler = build_scheduler()
+
+    def step(batch: dict, generator: torch.Generator) -> torch.Tensor:
+        with autocast(DEVICE, scale.dtype):
+            loss, _, _ = training_loss(video_unet, scheduler, batch, generator, temporal_weight=0.01)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def encode_clip(vae, clip: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """clip (F, 3, H, W) in [0, 1] -> VAE latents (1, 4, F, h, w), through depthvid.loading."""
+    from types import SimpleNamespace
+
+    from depthvid.loading import encode_frames
+    from depthvid.tuning import autocast
+
+    with autocast(DEVICE, dtype):
+        return encode_frames(SimpleNamespace(vae=vae), clip)
+
+
+def encode_caption(text_encoder, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(P, 77) token ids -> (P, 77, 1024) text embeddings."""
+    from depthvid.tuning import autocast
+
+    with torch.no_grad(), autocast(DEVICE, dtype):
+        return text_encoder(ids)[0].float()
+
+
+def build_depth_estimator(scale: PipelineScale, device: torch.device | str = DEVICE):
+    """(DPTForDepthEstimation, DPTImageProcessor): DPT-Hybrid at 384x384 at full width; the tiny
+    test DPT (32x32) on the reduced CPU scale, where DPT-Hybrid alone would take longer than the edit."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    from depthvid.testing import tiny_dpt_config
+
+    config = SD2_DEPTH_ESTIMATOR_CONFIG if scale.width_divisor == 1 else tiny_dpt_config()
+    torch.manual_seed(4)
+    with torch.device(device):
+        model = DPTForDepthEstimation(DPTConfig(**config)).eval().requires_grad_(False)
+    size = config["image_size"]
+    processor = DPTImageProcessor(do_resize=True, size={"height": size, "width": size}, keep_aspect_ratio=False,
+                                  do_rescale=True, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return model, processor
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of ``fn`` (torch.utils.flop_counter: matmuls, convs, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
