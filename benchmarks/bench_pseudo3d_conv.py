@@ -111,7 +111,7 @@ def conv_step(implementation: str, args: dict, backward: bool, grad_out: torch.T
             if not backward:
                 return [as_folded_video(out)]
             grad = torch.autograd.grad(out, video, grad_out[0].unflatten(1, (-1, FRAMES)).transpose(0, 1))[0]
-            return [as_folded_video(out), as_folded_video(grad)]
+            return [as_folded_video(out.detach()), as_folded_video(grad)]
 
         return step
 
@@ -119,7 +119,7 @@ def conv_step(implementation: str, args: dict, backward: bool, grad_out: torch.T
         out = pseudo3d_conv(**args, backend=implementation)
         if not backward:
             return [out]
-        return [out, *torch.autograd.grad(out, leaf, grad_out)]
+        return [out.detach(), *torch.autograd.grad(out, leaf, grad_out)]
 
     return step
 

@@ -254,7 +254,7 @@ def attention_step(attend, q, k, v, grad_out, backward: bool):
         out = attend(q, k, v)
         if not backward:
             return [out]
-        return [out, *torch.autograd.grad(out, (q, k, v), grad_out)]
+        return [out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out)]
 
     return step
 

@@ -13,6 +13,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from depthvid.fileutil import atomic_path
+
 HERE = Path(__file__).parent
 README = HERE / "README.md"
 RESULTS_DIR = HERE / "results"
@@ -79,17 +81,17 @@ def pipeline_lines(cases) -> list[str]:
 
 
 def design_card_lines(cases) -> list[str]:
-    lines = ["| workload | measured at | projected | limit (A100 x scaling) | TFLOP at 8x512x512 | "
-             "at A100 peak | fraction of peak reached |", "|---|---|---|---|---|---|---|"]
+    lines = ["| workload | measured at | projected | limit (A100's x 312 / device TFLOP/s) | TFLOP at 8x512x512 | "
+             "at A100's peak | at this device's peak | fraction of peak reached |", "|---|---|---|---|---|---|---|---|"]
     for (op, case), impls in cases.items():
         if op != "design_card":
             continue
         info = impls["depthvid"]["extra_info"]
+        limit = "- (reduced scale)" if info["limit_s"] is None else f"{info['limit_s']:.0f} s"
         lines.append(
-            f"| {case} | {info['scale']} | {info['projected_s']:.0f} s | {info['limit_s']:.0f} s "
-            f"(x{info['limit_scale_vs_a100']:.1f}) | {info['tflop_paper_scale']:.1f} | "
-            f"{info['paper_scale_s_at_a100_peak']:.1f} s | {info['fraction_of_peak']:.2f} "
-            f"of {info['peak_tflops']:.2f} TFLOP/s ({info['peak_source']}) |"
+            f"| {case} | {info['scale']} | {info['projected_s']:.0f} s | {limit} | {info['tflop_paper_scale']:.0f} | "
+            f"{info['paper_scale_s_at_a100_peak']:.1f} s | {info['paper_scale_s_at_device_peak']:.0f} s | "
+            f"{info['fraction_of_peak']:.2f} of {info['peak_tflops']:.2f} TFLOP/s ({info['peak_source']}) |"
         )
     return lines
 
@@ -99,6 +101,7 @@ def plot(cases, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = []  # (label, ratio, target)
     for (op, case), impls in cases.items():
@@ -129,13 +132,23 @@ def plot(cases, path: Path, title: str) -> None:
             axis.plot([target, target], [y - 0.4, y + 0.4], color="black", linewidth=2)
     axis.axvline(1.0, color="grey", linewidth=1)
     axis.set_xscale("log")
+    axis.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+    axis.tick_params(axis="x", which="both", labelsize=7)
     axis.set_yticks(list(positions), [label for label, _, _ in rows], fontsize=7)
     axis.invert_yaxis()
     axis.set_xlabel("median time, ours / baseline (log; < 1 is faster; black ticks: targets)")
     axis.set_title(title, fontsize=9)
     figure.tight_layout()
-    figure.savefig(path)
+    path.parent.mkdir(exist_ok=True)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
     plt.close(figure)
+
+
+def or_note(table: list[str]) -> list[str]:
+    """A table with rows, or a note saying that this run has none."""
+    return table if len(table) > 2 else ["(not in this run)"]
 
 
 def section(path: Path) -> tuple[str, str]:
@@ -149,7 +162,8 @@ def section(path: Path) -> tuple[str, str]:
     plot(cases, plot_path, f"{device}: {machine.get('cuda_device') or machine['cpu']['brand_raw']}, {when} UTC")
     load_avg = machine.get("load_average_at_end")
     text = [
-        f"Run {when} UTC, `{path.relative_to(HERE)}`: {machine['cpu']['brand_raw']}, "
+        f"Run {when} UTC, `{path.relative_to(HERE) if path.is_relative_to(HERE) else path}`: "
+        f"{machine['cpu']['brand_raw']}, "
         f"{machine['cpu'].get('count')} cores, torch {machine.get('torch')} ({machine.get('torch_threads')} threads), "
         f"GPU: {machine.get('cuda_device') or 'none'}, depthvid backends timed: "
         f"{', '.join(machine.get('depthvid_backends', []))}."
@@ -160,16 +174,16 @@ def section(path: Path) -> tuple[str, str]:
         "",
         "**Pipeline** (same model, same run):",
         "",
-        *pipeline_lines(cases),
+        *or_note(pipeline_lines(cases)),
         "",
         "**Design card** (projections from timed steps; the limits are asserted on CUDA only):",
         "",
-        *design_card_lines(cases),
+        *or_note(design_card_lines(cases)),
         "",
         "**Ops** at SD2-depth's shapes, 8 frames of 512x512 (ours / baseline; `-`: not run, see the "
         "skip reasons in the run's output):",
         "",
-        *op_table(cases),
+        *or_note(op_table(cases)),
     ]
     return device, "\n".join(text)
 
@@ -181,7 +195,8 @@ def update_readme(device: str, markdown: str) -> None:
         raise SystemExit(f"{README}: no {begin!r} marker; add {begin} and {end} where the section goes")
     head, rest = readme.split(begin, 1)
     _, tail = rest.split(end, 1)
-    README.write_text(f"{head}{begin}\n{markdown}\n{end}{tail}")
+    with atomic_path(README) as tmp:
+        tmp.write_text(f"{head}{begin}\n{markdown}\n{end}{tail}")
 
 
 def main(argv: list[str]) -> None:
