@@ -17,7 +17,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from depthvid.ops._backend import resolve_backend, triton_available
-from depthvid.testing import SD2_DEPTH_UNET_CONFIG
+from depthvid.testing import (
+    DPT_HYBRID_CONFIG,
+    SD2_DEPTH_UNET_CONFIG,
+    SD2_SCHEDULER_CONFIG,
+    SD2_TEXT_ENCODER_CONFIG,
+    SD2_VAE_CONFIG,
+    make_sample_clip,
+    tiny_dpt_config,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"
@@ -182,46 +190,17 @@ def scaled_unet_config(width_divisor: int, latent_size: int) -> dict:
         SD2_DEPTH_UNET_CONFIG,
         sample_size=latent_size,
         block_out_channels=tuple(c // width_divisor for c in SD2_DEPTH_UNET_CONFIG["block_out_channels"]),
-        norm_num_groups=math.gcd(32, 320 // width_divisor),  # 32 groups do not divide 80 channels
+        norm_num_groups=math.gcd(32, 320 // width_divisor),  # 32 groups do not divide 80 channels (1/4 width)
     )
 
 
 def scaled_vae_config(width_divisor: int) -> dict:
     """SD2's AutoencoderKL (x8 downsampling, 4 latent channels), channels divided by ``width_divisor``."""
     return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=tuple(c // width_divisor for c in (128, 256, 512, 512)),
-        layers_per_block=2,
-        norm_num_groups=math.gcd(32, 128 // width_divisor),
-        latent_channels=4,
-        sample_size=768,
-        scaling_factor=0.18215,
+        SD2_VAE_CONFIG,
+        block_out_channels=tuple(c // width_divisor for c in SD2_VAE_CONFIG["block_out_channels"]),
+        norm_num_groups=math.gcd(SD2_VAE_CONFIG["norm_num_groups"], 128 // width_divisor),
     )
-
-
-# SD2's text encoder (OpenCLIP ViT-H/14's text tower); its cost does not depend on the frame size
-SD2_TEXT_ENCODER_CONFIG = dict(
-    vocab_size=49408,
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=23,
-    num_attention_heads=16,
-    max_position_embeddings=77,
-    hidden_act="gelu",
-    projection_dim=512,
-)
-
-# DPT-Hybrid (Intel/dpt-hybrid-midas, SD2-depth's depth estimator): ViT-B/16 on a BiT backbone, 384x384
-SD2_DEPTH_ESTIMATOR_CONFIG = dict(
-    is_hybrid=True,
-    image_size=384,
-    neck_hidden_sizes=(256, 512, 768, 768),
-    reassemble_factors=(1, 1, 1, 0.5),
-    backbone_featmap_shape=(1, 1024, 24, 24),
-)
 
 
 # ---------------------------------------------------------------- attention cases
@@ -343,15 +322,11 @@ def build_text_encoder(device: torch.device | str = DEVICE):
 def build_scheduler():
     from diffusers import DDIMScheduler
 
-    from depthvid.testing import SD2_SCHEDULER_CONFIG
-
     return DDIMScheduler(**SD2_SCHEDULER_CONFIG)
 
 
 def make_clip(scale: PipelineScale) -> torch.Tensor:
     """The sample clip (a ball passing a pillar) at ``scale``: (F, 3, H, W) in [0, 1] on DEVICE."""
-    from depthvid.testing import make_sample_clip
-
     return make_sample_clip(scale.frames, scale.size, scale.size).to(DEVICE)
 
 
@@ -420,9 +395,7 @@ def build_depth_estimator(scale: PipelineScale, device: torch.device | str = DEV
     test DPT (32x32) on the reduced CPU scale, where DPT-Hybrid alone would take longer than the edit."""
     from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
 
-    from depthvid.testing import tiny_dpt_config
-
-    config = SD2_DEPTH_ESTIMATOR_CONFIG if scale.width_divisor == 1 else tiny_dpt_config()
+    config = DPT_HYBRID_CONFIG if scale.width_divisor == 1 else tiny_dpt_config()
     torch.manual_seed(4)
     with torch.device(device):
         model = DPTForDepthEstimation(DPTConfig(**config)).eval().requires_grad_(False)
