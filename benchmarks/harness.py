@@ -105,15 +105,10 @@ def run_benchmark(benchmark, fn, *, budget_s: float, min_rounds: int = 3, max_ro
     """
     peak, rounds = None, min_rounds
     if warm_up or measure_memory:
-        def first():
-            return time_call(fn)[0]
-
         if measure_memory:
-            started = time.perf_counter()
-            peak = peak_memory_bytes(first)
-            first_s = time.perf_counter() - started
+            first_s, peak = time_call(lambda: peak_memory_bytes(fn))
         else:
-            first_s = first()
+            first_s, _ = time_call(fn)
         rounds = max(min_rounds, min(max_rounds, int(budget_s / max(first_s, 1e-6))))
 
     def synchronized():
@@ -184,8 +179,6 @@ def peak_memory_bytes(fn) -> int:
 
 def scaled_unet_config(width_divisor: int, latent_size: int) -> dict:
     """SD2-depth's UNet with its channels divided by ``width_divisor`` (heads stay 5/10/20/20)."""
-    if width_divisor == 1:
-        return dict(SD2_DEPTH_UNET_CONFIG, sample_size=latent_size)
     return dict(
         SD2_DEPTH_UNET_CONFIG,
         sample_size=latent_size,

@@ -1,6 +1,6 @@
 """Turn one run's pytest-benchmark JSON into benchmarks/README.md's results section and a plot.
 
-    python benchmarks/report.py [RESULTS.json]      (default: the newest file in benchmarks/results/)
+    python benchmarks/report.py [RESULTS.json ...]  (default: the newest file in benchmarks/results/)
 
 Everything is a ratio between medians of the same run: ours / baseline, below 1 is better.
 The section replaced lies between README's "report.py:begin <device>" and "report.py:end <device>"
@@ -151,24 +151,41 @@ def or_note(table: list[str]) -> list[str]:
     return table if len(table) > 2 else ["(not in this run)"]
 
 
-def section(path: Path) -> tuple[str, str]:
-    """(device, markdown) for the results in ``path``; writes the plot next to the JSON."""
-    data, benchmarks = load(path)
+def run_line(path: Path, data: dict) -> str:
+    """Where and when one results file was measured, and how busy the machine was."""
+    machine = data["machine_info"]
+    when = data["datetime"][:16].replace("T", " ")
+    load_avg = machine.get("load_average_at_end")
+    return (
+        f"- `{path.relative_to(HERE) if path.is_relative_to(HERE) else path}`: {when} UTC, "
+        f"{machine['cpu']['brand_raw']}, {machine['cpu'].get('count')} cores, torch {machine.get('torch')} "
+        f"({machine.get('torch_threads')} threads), GPU: {machine.get('cuda_device') or 'none'}, depthvid "
+        f"backends timed: {', '.join(machine.get('depthvid_backends', []))}"
+        + (f"; load average at the end {load_avg[0]:.1f} / {load_avg[1]:.1f} / {load_avg[2]:.1f} (1/5/15 min)"
+           if load_avg else "")
+    )
+
+
+def section(paths: list[Path]) -> tuple[str, str]:
+    """(device, markdown) for the results in ``paths``; writes the plot to results/<device>-ratios.png.
+
+    A case measured in several files is taken whole from the last one: a ratio never mixes runs.
+    """
+    cases: dict[tuple[str, str], dict[str, dict]] = {}
+    runs = []
+    for path in paths:
+        data, benchmarks = load(path)
+        cases.update(by_case(benchmarks))
+        runs.append(run_line(path, data))
     machine = data["machine_info"]
     device = "cuda" if machine.get("cuda_device") else "cpu"
-    cases = by_case(benchmarks)
     plot_path = RESULTS_DIR / f"{device}-ratios.png"
-    when = data["datetime"][:16].replace("T", " ")
-    plot(cases, plot_path, f"{device}: {machine.get('cuda_device') or machine['cpu']['brand_raw']}, {when} UTC")
-    load_avg = machine.get("load_average_at_end")
+    when = data["datetime"][:10]
+    plot(cases, plot_path, f"{device}: {machine.get('cuda_device') or machine['cpu']['brand_raw']}, {when}")
     text = [
-        f"Run {when} UTC, `{path.relative_to(HERE) if path.is_relative_to(HERE) else path}`: "
-        f"{machine['cpu']['brand_raw']}, "
-        f"{machine['cpu'].get('count')} cores, torch {machine.get('torch')} ({machine.get('torch_threads')} threads), "
-        f"GPU: {machine.get('cuda_device') or 'none'}, depthvid backends timed: "
-        f"{', '.join(machine.get('depthvid_backends', []))}."
-        + (f" Load average at the end: {load_avg[0]:.1f} / {load_avg[1]:.1f} / {load_avg[2]:.1f} (1/5/15 min)."
-           if load_avg else ""),
+        "Measured in:",
+        "",
+        *runs,
         "",
         f"![ratios]({plot_path.relative_to(HERE)})",
         "",
@@ -201,15 +218,15 @@ def update_readme(device: str, markdown: str) -> None:
 
 def main(argv: list[str]) -> None:
     if argv:
-        path = Path(argv[0])
+        paths = [Path(arg) for arg in argv]
     else:
         runs = sorted(RESULTS_DIR.glob("*.json"), key=lambda p: p.stat().st_mtime)
         if not runs:
             raise SystemExit(f"no results in {RESULTS_DIR}: run pytest benchmarks/ --benchmark-only first")
-        path = runs[-1]
-    device, markdown = section(path.resolve())
+        paths = runs[-1:]
+    device, markdown = section([path.resolve() for path in paths])
     update_readme(device, markdown)
-    print(f"{README}: {device} section from {path}")
+    print(f"{README}: {device} section from {', '.join(map(str, paths))}")
 
 
 if __name__ == "__main__":
