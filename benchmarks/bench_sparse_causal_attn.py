@@ -1,100 +1,118 @@
-"""Benchmark: sparse-causal attention, Triton kernels vs the torch reference, on a CUDA device.
+"""Sparse-causal attention at SD2-depth's shapes (8 frames of 512x512): each depthvid backend that
+runs on this device against Tune-A-Video's formulation and, where it runs, FlexAttention.
 
-Run: .venv/bin/pytest benchmarks/bench_sparse_causal_attn.py --benchmark-enable
-Skipped without CUDA. Each case times the Triton backend with pytest-benchmark, times both backends
-with triton.testing.do_bench in the same run, and stores in ``benchmark.extra_info``: torch_ms,
-triton_ms, speedup (torch_ms / triton_ms), triton_tflops and each backend's peak extra memory.
+    pytest benchmarks/bench_sparse_causal_attn.py --benchmark-only
+
+Implementations (one benchmark each, grouped by case; report.py turns medians into ratios):
+  torch / cpp / triton  depthvid.ops.sparse_causal_attention with that backend (triton on CUDA only)
+  tav                   Tune-A-Video's concatenated K/V per frame (2N keys for every frame) + SDPA
+  tav-materialised      the same with explicit scores (its default path); skipped where the scores
+                        alone would not fit the memory cap
+  flex                  one FlexAttention call with a "frame 0 and frame f-1" block mask (compiled);
+                        forward only on CPU, where torch 2.13 has no FlexAttention backward
+extra_info: peak_mb (tensor memory one call adds), tflops (useful matmul FLOPs / median time).
 """
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 
+from baselines import (
+    flex_sparse_causal_attention,
+    sparse_causal_block_mask,
+    tav_sparse_causal_attention,
+    tav_sparse_causal_score_bytes,
+)
 from depthvid.ops import sparse_causal_attention
+from harness import (
+    DEVICE,
+    ON_CUDA,
+    OP_DTYPES,
+    SD2_ATTN_SHAPES,
+    AttnShape,
+    assert_same_result,
+    attention_step,
+    make_attention_inputs,
+    memory_cap_bytes,
+    op_backends,
+    reference_result,
+    run_benchmark,
+)
 
-# (label, batch, frames, heads, tokens, head_dim): SD2-depth's attn1 layers at 512x512 (64x64
-# latents) with the paper's 8 frames, then UNets whose head dims need padding.
-SHAPES = [
-    ("sd2-level0", 1, 8, 5, 4096, 64),
-    ("sd2-level1", 1, 8, 10, 1024, 64),
-    ("sd2-level2", 1, 8, 20, 256, 64),
-    ("head-dim-40", 1, 8, 8, 4096, 40),
-    ("head-dim-80", 1, 8, 8, 1024, 80),
-    ("head-dim-160", 1, 8, 8, 256, 160),
-]
+BACKENDS = op_backends()
+IMPLEMENTATIONS = [*BACKENDS, "tav", "tav-materialised", "flex"]
 MODES = ("fwd", "fwd+bwd")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# CPU FlexAttention compiles a C++ kernel per shape (about a minute each here): level 0, which
+# carries most of the attention time, only
+CPU_FLEX_SHAPES = ("level0-64x64",)
+_references: dict[tuple, list[torch.Tensor]] = {}
 
 
-def attention_flops(batch, frames, heads, tokens, head_dim, mode):
-    """Matmul FLOPs of the op (no duplicated frame-0 keys); backward counted as 5 matmuls (2.5x forward)."""
-    # query frames 0 and 1 see N keys, frames >= 2 see 2N
-    keys = tokens * (min(frames, 2) + 2 * max(frames - 2, 0))
-    forward = 4 * batch * heads * tokens * keys * head_dim
+def attention_flops(shape: AttnShape, mode: str) -> int:
+    """Matmul FLOPs the op needs (no duplicated frame-0 keys); backward counted as 2.5x forward."""
+    keys = shape.tokens * (min(shape.frames, 2) + 2 * max(shape.frames - 2, 0))  # per query frame, summed
+    forward = 4 * shape.batch * shape.heads * shape.tokens * keys * shape.head_dim
     return forward if mode == "fwd" else forward * 7 // 2
 
 
-def make_inputs(batch, frames, heads, tokens, head_dim, dtype, device):
-    """q, k, v (requiring grad) and an output gradient, each (batch*frames, heads, tokens, head_dim)."""
-    generator = torch.Generator(device=device).manual_seed(0)
-    q, k, v, grad_out = (
-        torch.randn(batch * frames, heads, tokens, head_dim, generator=generator, device=device, dtype=dtype)
-        for _ in range(4)
-    )
-    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), grad_out
+def attend_with(implementation: str, shape: AttnShape):
+    """(q, k, v) -> out for ``implementation``."""
+    scale = shape.head_dim**-0.5
+    if implementation in BACKENDS:
+        return functools.partial(sparse_causal_attention, num_frames=shape.frames, backend=implementation)
+    if implementation in ("tav", "tav-materialised"):
+        materialise = implementation == "tav-materialised"
+        return lambda q, k, v: tav_sparse_causal_attention(q, k, v, shape.frames, scale, materialise)
+    block_mask = sparse_causal_block_mask(shape.batch, shape.frames, shape.tokens, DEVICE)
+    return lambda q, k, v: flex_sparse_causal_attention(q, k, v, shape.frames, scale, block_mask)
 
 
-def make_step(backend, mode, q, k, v, grad_out, frames):
-    """A no-argument callable running one forward (and backward) of ``backend``."""
-
-    def step():
-        out = sparse_causal_attention(q, k, v, frames, backend=backend)
-        if mode == "fwd+bwd":
-            torch.autograd.grad(out, (q, k, v), grad_out)
-
-    return step
-
-
-def peak_extra_memory_mb(step):
-    """Peak CUDA memory allocated by one call of ``step`` beyond what was allocated before it."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+def reason_to_skip(implementation: str, shape: AttnShape, dtype: torch.dtype, mode: str) -> str | None:
+    if implementation == "flex" and not ON_CUDA:
+        if mode != "fwd":
+            return "FlexAttention has no CPU backward in this torch"
+        if shape.label not in CPU_FLEX_SHAPES:
+            return f"CPU FlexAttention compiles per shape (~1 min); timed on {', '.join(CPU_FLEX_SHAPES)} only"
+    if implementation == "tav-materialised":
+        # forward: scores + their softmax; backward keeps both and adds their gradients
+        copies = 2 if mode == "fwd" else 4
+        needed = copies * tav_sparse_causal_score_bytes(
+            shape.batch, shape.frames, shape.heads, shape.tokens, torch.finfo(dtype).bits // 8
+        )
+        if needed > memory_cap_bytes():
+            return f"its scores need ~{needed / 2**30:.1f} GiB, over the {memory_cap_bytes() / 2**30:.1f} GiB cap"
+    return None
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device: the interpreter would time Python, not the kernels"
-)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("shape", SHAPES, ids=[shape[0] for shape in SHAPES])
-def test_sparse_causal_attn_speed(benchmark, shape, dtype_name, mode):
-    from triton.testing import do_bench
-
-    _, batch, frames, heads, tokens, head_dim = shape
-    inputs = make_inputs(batch, frames, heads, tokens, head_dim, DTYPES[dtype_name], "cuda")
-    triton_step = make_step("triton", mode, *inputs, frames)
-    torch_step = make_step("torch", mode, *inputs, frames)
-
-    out = sparse_causal_attention(*inputs[:3], frames, backend="triton")
-    want = sparse_causal_attention(*inputs[:3], frames, backend="torch")
-    torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)  # a fast wrong kernel is no result
-
-    triton_ms, torch_ms = do_bench(triton_step), do_bench(torch_step)
+@pytest.mark.parametrize("dtype_name", list(OP_DTYPES))
+@pytest.mark.parametrize("shape", SD2_ATTN_SHAPES, ids=[s.label for s in SD2_ATTN_SHAPES])
+def test_sparse_causal_attn(benchmark, shape, dtype_name, mode, implementation):
+    dtype = OP_DTYPES[dtype_name]
+    reason = reason_to_skip(implementation, shape, dtype, mode)
+    if reason:
+        pytest.skip(reason)
+    backward = mode == "fwd+bwd"
+    inputs = make_attention_inputs(shape, dtype, requires_grad=backward)
+    step = attention_step(attend_with(implementation, shape), *inputs, backward)
+    benchmark.group = f"sparse_causal_attention {shape.label} {dtype_name} {mode}"
+    # compiled FlexAttention on CPU makes its buffers in C++, out of the tensor counter's sight
+    counted = not (implementation == "flex" and not ON_CUDA)
+    result, peak = run_benchmark(benchmark, step, budget_s=4.0 if not ON_CUDA else 1.0, measure_memory=counted)
+    reference = reference_result(_references, (shape, dtype_name, mode), implementation, result,
+                                 attention_step(attend_with("torch", shape), *inputs, backward))
+    assert_same_result(result, reference, dtype, implementation)
+    del result, reference
+    median_s = benchmark.stats.stats.median
     benchmark.extra_info.update(
-        triton_ms=triton_ms,
-        torch_ms=torch_ms,
-        speedup=torch_ms / triton_ms,
-        triton_tflops=attention_flops(batch, frames, heads, tokens, head_dim, mode) / triton_ms / 1e9,
-        triton_peak_mb=peak_extra_memory_mb(triton_step),
-        torch_peak_mb=peak_extra_memory_mb(torch_step),
+        op="sparse_causal_attention",
+        case=f"{shape.label} {dtype_name} {mode}",
+        implementation=implementation,
+        ours=implementation in BACKENDS,
+        device=str(DEVICE),
+        tflops=attention_flops(shape, mode) / median_s / 1e12,
+        peak_mb=None if peak is None else peak / 2**20,
     )
-
-    def synchronized_step():
-        triton_step()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(synchronized_step, rounds=10, warmup_rounds=2)

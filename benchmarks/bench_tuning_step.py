@@ -1,159 +1,85 @@
-"""Benchmark: one tuning step of an SD2-depth-shaped video UNet on CPU, against the same model
-with its attention materialised the way Tune-A-Video computes it.
+"""One tuning step: depthvid's tuner against a Tune-A-Video-style step, same model, same run.
 
-Run: .venv/bin/pytest benchmarks/bench_tuning_step.py --benchmark-enable   (a few minutes, CPU)
+    pytest benchmarks/bench_tuning_step.py --benchmark-only
 
-The peer figures in DESIGN.md (Tune-A-Video's own code on this kind of machine, fp32, gradient
-checkpointing on): 10.7 s and 2.0 GB peak RSS for one step at 1/4 of SD2-depth's width with
-8 frames of 256x256; 280 s and 22.8 GB at full size and 512x512. This benchmark builds that 1/4
-width model and times a step (noise-prediction + temporal loss, backward through the trainable
-set, gradient checkpointing on) for each variant:
+  depthvid   the step of `depthvid tune`: noise-prediction + temporal loss on the clip's latents,
+             depth and caption embedding computed once; our attention (the device's default
+             backend); backward through the trainable set; AdamW
+  tav-style  the same model, loss and optimizer, but every step VAE-encodes the clip and encodes
+             the caption (Tune-A-Video's training loop), and sparse-causal / temporal attention
+             build explicit score matrices (Tune-A-Video's default attention)
 
-  depthvid       our VideoUNet as `depthvid tune` runs it on CPU (fp32)
-  depthvid-bf16  the same under bf16 autocast (`depthvid tune --precision bf16`)
-  materialised   the same model whose sparse-causal and temporal attention build explicit score
-                 matrices, with frame 0's keys duplicated for frames 0 and 1 (Tune-A-Video's way)
-
-Peak memory is per process, so each variant also runs in a subprocess (this file as a script)
-that reports how far one step raises the peak RSS above the built model's. The memory test
-asserts depthvid's step needs less than the materialised one's; times are recorded as ratios.
+Scale (harness.PIPELINE_SCALE): on CPU an SD2-depth-shaped UNet and VAE at 1/4 width with SD2's
+text encoder, 8 frames of 256x256, fp32; on CUDA the full SD2-depth architecture (random weights)
+at 8 frames of 512x512 in fp16. Gradient checkpointing on in both. extra_info: peak_mb, the tensor
+memory one step adds (weights and optimizer state excluded), and the loss. Report.py gives the
+ratio depthvid / tav-style (target <= 0.5).
 """
 from __future__ import annotations
-
-import json
-import resource
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from depthvid.models import SparseCausalAttnProcessor, TemporalAttnProcessor, inflate_unet, mark_trainable
-from depthvid.testing import SD2_DEPTH_UNET_CONFIG, SD2_SCHEDULER_CONFIG
-from depthvid.tuning import training_loss
-
-FRAMES, LATENT_SIZE, TEXT_TOKENS, TEXT_DIM = 8, 32, 77, 1024  # 8 frames of 256x256
-QUARTER_WIDTH_SD2_DEPTH = dict(  # SD2-depth's UNet at 1/4 of its channels
-    SD2_DEPTH_UNET_CONFIG,
-    sample_size=LATENT_SIZE,
-    block_out_channels=tuple(channels // 4 for channels in SD2_DEPTH_UNET_CONFIG["block_out_channels"]),
-    norm_num_groups=16,  # 32 groups do not divide 80 channels; heads stay (5, 10, 20, 20): 16-dim at this width
+from baselines import use_tav_attention
+from harness import (
+    DEVICE,
+    ON_CUDA,
+    PIPELINE_SCALE,
+    build_text_encoder,
+    build_vae,
+    build_video_unet,
+    caption_ids,
+    encode_caption,
+    encode_clip,
+    make_clip,
+    make_tuner,
+    peak_memory_bytes,
+    run_benchmark,
 )
-VARIANTS = ("materialised", "depthvid", "depthvid-bf16")  # the reference first: the others report ratios to it
+
+VARIANTS = ("depthvid", "tav-style")
 
 
-class MaterialisedSparseCausal(SparseCausalAttnProcessor):
-    """Every frame f attends to cat(frame 0, frame max(f-1, 0)): 2N keys, an explicit (2N x N) score matrix."""
-
-    def attend(self, query, key, value, num_frames, scale):
-        previous = (torch.arange(num_frames) - 1).clamp(min=0)
-
-        def per_frame_keys(t):  # (B*F, H, N, D) -> (B*F, H, 2N, D)
-            t = t.unflatten(0, (-1, num_frames))
-            return torch.cat([t[:, [0] * num_frames], t[:, previous]], dim=-2).flatten(0, 1)
-
-        scores = query @ per_frame_keys(key).transpose(-1, -2) * scale
-        return scores.softmax(dim=-1) @ per_frame_keys(value)
+@pytest.fixture(scope="module")
+def encoders():
+    return build_vae(PIPELINE_SCALE), build_text_encoder()
 
 
-class MaterialisedTemporal(TemporalAttnProcessor):
-    """Attention over frames through an explicit (F x F) score matrix per token."""
-
-    def attend(self, query, key, value, num_frames, scale):
-        def frames_last(t):  # (B*F, H, N, D) -> (B, H, N, F, D)
-            return t.unflatten(0, (-1, num_frames)).permute(0, 2, 3, 1, 4)
-
-        q, k, v = frames_last(query), frames_last(key), frames_last(value)
-        out = (q @ k.transpose(-1, -2) * scale).softmax(dim=-1) @ v
-        return out.permute(0, 3, 1, 2, 4).flatten(0, 1)
-
-
-def build(variant: str):
-    """One tuning step of ``variant``'s freshly built, seeded model, as a no-argument callable."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-
-    torch.manual_seed(0)
-    video_unet = inflate_unet(UNet2DConditionModel(**QUARTER_WIDTH_SD2_DEPTH))
-    if variant == "materialised":
-        for module in video_unet.modules():
-            processor = getattr(module, "processor", None)
-            if isinstance(processor, SparseCausalAttnProcessor):
-                module.set_processor(MaterialisedSparseCausal())
-            elif isinstance(processor, TemporalAttnProcessor):
-                module.set_processor(MaterialisedTemporal())
-    mark_trainable(video_unet)
-    video_unet.enable_gradient_checkpointing()
-    video_unet.train()
-    scheduler = DDIMScheduler(**SD2_SCHEDULER_CONFIG)
-    batch = {
-        "latents": torch.randn(1, 4, FRAMES, LATENT_SIZE, LATENT_SIZE),
-        "depth": torch.rand(1, 1, FRAMES, LATENT_SIZE, LATENT_SIZE) * 2 - 1,
-        "prompt_embeds": torch.randn(1, TEXT_TOKENS, TEXT_DIM),
-    }
-    dtype = torch.bfloat16 if variant == "depthvid-bf16" else torch.float32
+def make_step(variant: str, vae, text_encoder):
+    """A no-argument callable running one tuning step of ``variant``; returns the loss."""
+    scale = PIPELINE_SCALE
+    video_unet = build_video_unet(scale, seed=0)  # the same weights for both variants
+    if variant == "tav-style":
+        use_tav_attention(video_unet)
+    tune_step = make_tuner(video_unet, scale)
+    clip, ids = make_clip(scale), caption_ids()
+    depth = torch.rand(1, 1, scale.frames, scale.latent_size, scale.latent_size, device=DEVICE) * 2 - 1
     generator = torch.Generator().manual_seed(0)
+    cached = {"latents": encode_clip(vae, clip, torch.float32), "depth": depth,
+              "prompt_embeds": encode_caption(text_encoder, ids, torch.float32)}
 
     def step():
-        video_unet.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            loss, _, _ = training_loss(video_unet, scheduler, batch, generator, temporal_weight=0.01)
-        loss.backward()
-        return loss.item()
+        if variant == "depthvid":
+            return tune_step(cached, generator)
+        batch = {"latents": encode_clip(vae, clip, scale.dtype), "depth": depth,
+                 "prompt_embeds": encode_caption(text_encoder, ids, scale.dtype)}
+        return tune_step(batch, generator)
 
     return step
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory: VmHWM on Linux (getrusage's ru_maxrss survives exec,
-    so a child of a big pytest process would inherit the parent's peak)."""
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) * 1024
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-def measure_in_subprocess(variant: str) -> dict:
-    """{"step_peak_bytes", "seconds"} of one step of ``variant`` in a fresh process."""
-    result = subprocess.run(
-        [sys.executable, __file__, variant], capture_output=True, text=True, timeout=1800, check=False
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def step_times():
-    return {}  # variant -> seconds per step, filled by test_tuning_step_speed
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_tuning_step_speed(benchmark, variant, step_times):
-    step = build(variant)
-    loss = benchmark.pedantic(step, rounds=3, warmup_rounds=1)
-    assert torch.isfinite(torch.tensor(loss))
-    step_times[variant] = benchmark.stats.stats.mean
-    benchmark.extra_info["seconds_per_step"] = step_times[variant]
-    if variant != "materialised" and "materialised" in step_times:
-        benchmark.extra_info["speedup_vs_materialised"] = step_times["materialised"] / step_times[variant]
-
-
-def test_tuning_step_peak_memory(benchmark):
-    measured = {variant: measure_in_subprocess(variant) for variant in VARIANTS}
-    reference = measured["materialised"]["step_peak_bytes"]
-    for variant, numbers in measured.items():
-        benchmark.extra_info[f"{variant}_step_peak_mb"] = numbers["step_peak_bytes"] / 2**20
-        if variant != "materialised":
-            benchmark.extra_info[f"{variant}_memory_ratio_vs_materialised"] = numbers["step_peak_bytes"] / reference
-    benchmark.pedantic(lambda: None, rounds=1)  # the numbers are in extra_info; nothing to time here
-    assert measured["depthvid"]["step_peak_bytes"] < reference
-
-
-if __name__ == "__main__":
-    step = build(sys.argv[1])
-    baseline = peak_rss_bytes()  # the built model (and its 2D weights)
-    started = time.perf_counter()
-    step()
-    seconds = time.perf_counter() - started
-    print(json.dumps({"step_peak_bytes": peak_rss_bytes() - baseline, "seconds": seconds}))
+def test_tuning_step(benchmark, variant, encoders):
+    step = make_step(variant, *encoders)
+    benchmark.group = f"tuning step {PIPELINE_SCALE.label}"
+    loss, _ = run_benchmark(benchmark, step, budget_s=20.0 if not ON_CUDA else 10.0)
+    assert torch.isfinite(loss), f"{variant}: the loss is {loss.item()}"
+    benchmark.extra_info.update(
+        op="tuning_step",
+        case=PIPELINE_SCALE.label,
+        implementation=variant,
+        ours=variant == "depthvid",
+        device=str(DEVICE),
+        loss=loss.item(),
+        peak_mb=peak_memory_bytes(step) / 2**20,  # a step after the first: the optimizer state exists
+    )
