@@ -52,7 +52,7 @@ at::Tensor as_fp32_rows(const at::Tensor& t) { return with_unit_last_stride(t.to
 void online_softmax_row(float* scores, int64_t count, OnlineSoftmax& state, float* acc, int64_t head_dim) {
   float block_max = -INFINITY;
 #pragma omp simd reduction(max : block_max)
-  for (int64_t j = 0; j < count; ++j) block_max = std::max(block_max, scores[j]);
+  for (int64_t j = 0; j < count; ++j) block_max = scores[j] > block_max ? scores[j] : block_max;  // std::max does not vectorise here (GCC 12)
   const float factor = online_softmax_rescale(state, block_max);
   const float row_max = state.max;
   float sum = 0.0f;
@@ -79,6 +79,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_causal_attn_fwd_cpu(const at::Tensor& 
   const int64_t query_blocks = (tokens + kForwardBlockQ - 1) / kForwardBlockQ;
 
   at::parallel_for(0, rows * heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
+    const cpu::SingleThreadedBlas single_threaded_blas;
     std::vector<float> scores(kForwardBlockQ * kForwardBlockK);
     std::vector<float> acc(kForwardBlockQ * head_dim);
     std::vector<OnlineSoftmax> state(kForwardBlockQ);
@@ -173,6 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_causal_attn_bwd_cpu(
   at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
     const int64_t thread = at::get_thread_num();
     TORCH_CHECK(thread < threads, "sparse_causal_attn_bwd: more threads than at::get_num_threads()");
+    const cpu::SingleThreadedBlas single_threaded_blas;
     std::vector<float> prob(kBackwardBlockQ * kBackwardBlockK), prob_grad(kBackwardBlockQ * kBackwardBlockK);
     for (int64_t task = begin; task < end; ++task) {
       const int frame = static_cast<int>(task % num_frames);
