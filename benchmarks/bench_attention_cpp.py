@@ -73,12 +73,16 @@ def compare(variants):
 
 
 def peak_rss_mb(variant: str) -> float:
-    """Peak RSS one sparse-causal fwd+bwd of ``variant`` adds, in a fresh process."""
+    """Peak RSS one sparse-causal fwd+bwd of ``variant`` adds to the process, in a fresh process.
+
+    The peak (VmHWM) is reset just before the step (``/proc/self/clear_refs``), so memory the imports
+    and input setup touched and freed does not hide the step's own peak."""
     script = (
-        "import resource, sys, torch; sys.path.insert(0, 'benchmarks'); import bench_attention_cpp as b\n"
+        "import sys, torch; sys.path.insert(0, 'benchmarks'); import bench_attention_cpp as b\n"
         f"torch.set_num_threads({THREADS}); step = b.make_step(b.sparse_variant({variant!r}))\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; step()\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+        "def kib(field): return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(field))\n"
+        "open('/proc/self/clear_refs', 'w').write('5'); before = kib('VmRSS:'); step()\n"
+        "print((kib('VmHWM:') - before) / 1024)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
