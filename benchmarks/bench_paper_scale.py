@@ -13,6 +13,8 @@ peak RSS (VmHWM):
 each for two formulations of the sparse-causal attention:
 
   depthvid  the torch backend on CPU: two flash-attention calls merged by log-sum-exp
+  cpp       depthvid._C's CPU kernels for every op (step only: the CLI's --backend switches to the
+            GPU rehearsal configuration)
   concat    Tune-A-Video's formulation: keys/values of frames 0 and f-1 concatenated (2N tokens)
 
 Run:
@@ -32,7 +34,7 @@ import time
 from pathlib import Path
 
 FRAMES, SIZE = 8, 512
-VARIANTS = ("depthvid", "concat")
+VARIANTS = ("depthvid", "cpp", "concat")
 DEFAULT_MODEL_DIR = Path(".paper-scale/sd2-depth-full")
 
 
@@ -56,6 +58,10 @@ def use_variant(variant: str) -> None:
 
     if variant == "concat":
         sparse_causal_attn.sparse_causal_attention_torch = sparse_causal_attn.sparse_causal_attention_concat
+    elif variant == "cpp":
+        from depthvid.ops import _backend
+
+        _backend._default_backend.set("cpp")  # what use_backend("cpp") does, for the rest of this process
     elif variant != "depthvid":
         raise SystemExit(f"variant {variant!r}: expected one of {VARIANTS}")
 
