@@ -48,19 +48,10 @@ def problems(result: dict, needs_mma: bool | None = None, needs_vector_loads: bo
     return found
 
 
-# What these checks found in the sparse-causal kernels and is not fixed yet (no GPU was available to
-# tune on): (kernel name part, label prefix or "" for all, dtype or "" for all, problem prefix).
-# The test tolerates exactly these; the table marks them "known gap".
+# What these checks found and is not fixed yet (no GPU was available to tune on): (kernel name part,
+# label prefix or "" for all, dtype or "" for all, problem prefix). The test tolerates exactly
+# these; the table marks them "known gap".
 KNOWN_GAPS = (
-    # head dim 40 (8 heads): the strides are multiples of 8 elements, not 16, so the launch's
-    # specialisation cannot prove 16-byte alignment and the tiles are loaded without vectors
-    ("sparse_causal_attn", "D40-", "", "no 128-bit global loads"),
-    ("sparse_causal_attn", "D40-", "", "bytes of register spills"),
-    ("sparse_causal_attn", "D160-", "", "bytes of register spills"),
-    # fp32 runs true-fp32 ("ieee") dots on CUDA cores: these tiles need more than 255 registers
-    ("sparse_causal_attn", "", "float32", "bytes of register spills"),
-    # the dK/dV kernel keeps two fp32 (BLOCK_N, BLOCK_D) accumulators next to K and V
-    ("sparse_causal_attn_bwd_dkdv", "", "", "bytes of register spills"),
     # found at integration (issue 10 left open): the temporal kernels load per-token rows without
     # 128-bit vectors (their loop has no tile to vectorise; one frame has no loop at all), and the
     # fused conv's epilogue (temb + residual) spills at C320 and in fp32

@@ -1,5 +1,6 @@
 """What the three Triton kernel files share, declared once: dtype and device checks, the device
-guard, the interpreter's bf16 workaround, LOG2E, and :class:`Launch` (one kernel launch as a
+guard, the interpreter's bf16 workaround, LOG2E, the STRIDE_UNIT stride
+alignment (:func:`stride_unit`) and :class:`Launch` (one kernel launch as a
 launcher makes it, which the GPU compile check rebuilds from meta tensors).
 
 Interpreter facts (TRITON_INTERPRET=1, triton 3.9, measured): fp16 loads, arithmetic and tl.dot
@@ -63,6 +64,31 @@ def dot(a, b, FP32_DOT: tl.constexpr):
     if FP32_DOT:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b)
+
+
+def stride_unit(*tensors: torch.Tensor) -> int:
+    """STRIDE_UNIT of a launch. Kernels that take it get every stride but the last of each tensor
+    divided by it and multiply them back by the constexpr, so Triton knows that every (tokens,
+    head_dim) tile row starts on a STRIDE_UNIT-element boundary. Triton's own specialisation only
+    marks integers divisible by 16: head dim 40's strides (40, 8 * 40, ...) are multiples of 8
+    elements, 16 bytes in fp16, which it cannot see, and those tiles would load without 128-bit
+    vectors. The unit is the largest power of two below 16 that divides all those strides, and 1
+    where they are all multiples of 16 (Triton sees that already; the binary stays the same)."""
+    unit = 16
+    for tensor in tensors:
+        for stride in tensor.stride()[:-1]:
+            while stride % unit:
+                unit //= 2
+    return 1 if unit == 16 else unit
+
+
+def unit_strides(unit: int, *tensors: torch.Tensor) -> tuple[int, ...]:
+    """The tensors' strides, flattened, as a STRIDE_UNIT kernel takes them (see :func:`stride_unit`):
+    all but each tensor's last divided by ``unit``."""
+    return tuple(
+        stride // unit if dim < tensor.dim() - 1 else stride
+        for tensor in tensors for dim, stride in enumerate(tensor.stride())
+    )
 
 
 def check_tensors(op: str, **tensors: torch.Tensor | None) -> None:
