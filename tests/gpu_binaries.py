@@ -10,7 +10,8 @@ What a binary must show:
   or wgmma on sm_90) inside their main loops (fp32 runs true fp32 "ieee" dots on CUDA cores);
 - attention and conv kernels: 128-bit global loads or 16-byte cp.async / TMA copies inside their
   main loops. The temporal kernel reduces over frames with elementwise products, not tl.dot
-  (its per-token matmuls have 1-16 rows), so no MMA is asked of it. The GroupNorm statistics
+  (its per-token matmuls have F <= 16 rows for the 8-24 frames the method uses), so no MMA is
+  asked of it; its (tokens, head dim) tiles are loaded 16 bytes at a time. The GroupNorm statistics
   kernel reads groups of C/G channels (10 for SD), so no vector width is asked of it.
 """
 from __future__ import annotations
@@ -52,11 +53,8 @@ def problems(result: dict, needs_mma: bool | None = None, needs_vector_loads: bo
 # label prefix or "" for all, dtype or "" for all, problem prefix). The test tolerates exactly
 # these; the table marks them "known gap".
 KNOWN_GAPS = (
-    # found at integration (issue 10 left open): the temporal kernels load per-token rows without
-    # 128-bit vectors (their loop has no tile to vectorise; one frame has no loop at all), and the
-    # fused conv's epilogue (temb + residual) spills at C320 and in fp32
-    ("temporal_attn", "", "", "no 128-bit global loads"),
-    ("temporal_attn", "", "", "bytes of register spills"),
+    # found at integration (issue 10 left open): the fused conv's epilogue (temb + residual)
+    # spills at C320 and in fp32
     ("pseudo3d_conv_fwd", "C320-", "", "bytes of register spills"),
     ("pseudo3d_conv_fwd", "", "float32", "bytes of register spills"),
 )
