@@ -49,15 +49,11 @@ def problems(result: dict, needs_mma: bool | None = None, needs_vector_loads: bo
     return found
 
 
-# What these checks found and is not fixed yet (no GPU was available to tune on): (kernel name part,
-# label prefix or "" for all, dtype or "" for all, problem prefix). The test tolerates exactly
-# these; the table marks them "known gap".
-KNOWN_GAPS = (
-    # found at integration (issue 10 left open): the fused conv's epilogue (temb + residual)
-    # spills at C320 and in fp32
-    ("pseudo3d_conv_fwd", "C320-", "", "bytes of register spills"),
-    ("pseudo3d_conv_fwd", "", "float32", "bytes of register spills"),
-)
+# What these checks found and is not fixed yet: (kernel name part, label prefix or "" for all,
+# dtype or "" for all, problem prefix). The test tolerates exactly these; the table marks them
+# "known gap". Empty: every kernel passes at every launch configuration (issue 10). An entry
+# added here needs a comment saying why it cannot be fixed yet.
+KNOWN_GAPS: tuple[tuple[str, str, str, str], ...] = ()
 
 
 def known_gap(result: dict, problem: str) -> bool:
