@@ -114,6 +114,46 @@ def check_tensors(op: str, **tensors: torch.Tensor | None) -> None:
         )
 
 
+def check_attention_inputs(op: str, q, k, v, max_head_dim: int) -> None:
+    """The Triton attention entry points' input checks: :func:`check_tensors` and the head dims
+    their register tiles hold."""
+    check_tensors(op, q=q, k=k, v=v)
+    if not 1 <= q.shape[-1] <= max_head_dim:
+        raise UserError(
+            f"{op}: head_dim must be <= {max_head_dim} (and >= 1) for backend='triton', got {q.shape[-1]}; "
+            "use more heads or backend='torch'"
+        )
+
+
+def attention_meta_inputs(frames: int, tokens: int, heads: int, head_dim: int, dtype: torch.dtype, count: int):
+    """``count`` meta tensors laid out as the model's attention inputs ((B*F, N, H, D) projections
+    viewed as (B*F, H, N, D)) and two fp32 (B*F, H, N) statistics (LSE, delta): the arguments the
+    attention kernels' ``gpu_launches`` launch with."""
+    tensors = [torch.empty(frames, tokens, heads, head_dim, dtype=dtype, device="meta").transpose(1, 2) for _ in range(count)]
+    stats = [torch.empty(frames, heads, tokens, device="meta") for _ in range(2)]
+    return (*tensors, *stats)
+
+
+class FusedAttentionFunction(torch.autograd.Function):
+    """Autograd of a fused attention op, given its two launchers: ``fwd(q, k, v, num_frames,
+    scale) -> (out, lse)`` and ``bwd(do, q, k, v, out, lse, num_frames, scale) -> (dq, dk, dv)``.
+    Differentiable in q, k, v; saves q, k, v, out and the fp32 LSE for the backward."""
+
+    @staticmethod
+    def forward(ctx, fwd, bwd, q, k, v, num_frames: int, scale: float):
+        out, lse = fwd(q, k, v, num_frames, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.bwd, ctx.num_frames, ctx.scale = bwd, num_frames, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.bwd(do, q, k, v, out, lse, ctx.num_frames, ctx.scale)
+        return None, None, dq, dk, dv, None, None
+
+
 @dataclasses.dataclass
 class Launch:
     """One kernel launch exactly as a launcher makes it: grid, positional arguments, constexprs

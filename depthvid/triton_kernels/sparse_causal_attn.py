@@ -56,9 +56,9 @@ import torch
 import triton
 import triton.language as tl
 
-from depthvid.errors import UserError
 from depthvid.triton_kernels._common import (
-    LOG2E, SUPPORTED_DTYPES, Launch, check_tensors, dot, fp32_dot, stride_unit, unit_strides,
+    LOG2E, SUPPORTED_DTYPES, FusedAttentionFunction, Launch, attention_meta_inputs, check_attention_inputs, dot,
+    fp32_dot, stride_unit, unit_strides,
 )
 
 MAX_HEAD_DIM = 256
@@ -559,11 +559,9 @@ def gpu_launches(frames: int = 8, tokens: int = 4096) -> list[Launch]:
     launches = []
     for config in launch_configs():
         heads = 5 if config.head_dim == 64 else 8
-        shape = (frames, tokens, heads, config.head_dim)
-        q, k, v, out, do, dq, dk, dv = (
-            torch.empty(shape, dtype=config.dtype, device="meta").transpose(1, 2) for _ in range(8)
+        q, k, v, out, do, dq, dk, dv, lse, delta = attention_meta_inputs(
+            frames, tokens, heads, config.head_dim, config.dtype, count=8
         )
-        lse, delta = (torch.empty(q.shape[:3], device="meta") for _ in range(2))
         label = f"D{config.head_dim}-{str(config.dtype).removeprefix('torch.')}"
         for launch in (_fwd_launch(q, k, v, out, lse, frames, 0.125, config, True),
                        *_bwd_launches(do, q, k, v, out, lse, delta, dq, dk, dv, frames, 0.125, config, True)):
@@ -577,24 +575,6 @@ def gpu_launches(frames: int = 8, tokens: int = 4096) -> list[Launch]:
 # ----------------------------------------------------------------------------------------------
 
 
-class SparseCausalAttnFunction(torch.autograd.Function):
-    """Differentiable in q, k, v; saves q, k, v, out and the fp32 LSE for the backward."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, num_frames: int, scale: float):
-        out, lse = sparse_causal_attn_fwd(q, k, v, num_frames, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.num_frames = num_frames
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = sparse_causal_attn_bwd(do, q, k, v, out, lse, ctx.num_frames, ctx.scale)
-        return dq, dk, dv, None, None
-
-
 def sparse_causal_attn_triton(q, k, v, num_frames: int, scale: float) -> torch.Tensor:
     """Sparse-causal attention with the fused Triton kernels (called by depthvid.ops).
 
@@ -606,10 +586,5 @@ def sparse_causal_attn_triton(q, k, v, num_frames: int, scale: float) -> torch.T
     Returns:
         (batch*frames, heads, tokens, head_dim) in the input dtype; differentiable in q, k, v.
     """
-    check_tensors("sparse_causal_attention", q=q, k=k, v=v)
-    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
-        raise UserError(
-            f"sparse_causal_attention: head_dim must be in 1..{MAX_HEAD_DIM} for backend='triton', "
-            f"got {q.shape[-1]}; use backend='torch'"
-        )
-    return SparseCausalAttnFunction.apply(q, k, v, num_frames, float(scale))
+    check_attention_inputs("sparse_causal_attention", q, k, v, MAX_HEAD_DIM)
+    return FusedAttentionFunction.apply(sparse_causal_attn_fwd, sparse_causal_attn_bwd, q, k, v, num_frames, float(scale))

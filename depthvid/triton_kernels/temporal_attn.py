@@ -71,8 +71,9 @@ import torch
 import triton
 import triton.language as tl
 
-from depthvid.errors import UserError
-from depthvid.triton_kernels._common import LOG2E, Launch, check_tensors, stride_unit, unit_strides
+from depthvid.triton_kernels._common import (
+    LOG2E, FusedAttentionFunction, Launch, attention_meta_inputs, check_attention_inputs, stride_unit, unit_strides,
+)
 
 MAX_HEAD_DIM = 256  # BLOCK_D = 256 leaves 8 tokens per 2048-element tile
 COMPILED_HEAD_DIMS = (40, 64, 80, 160)  # every BLOCK_D, and 40's unaligned rows
@@ -82,9 +83,14 @@ COMPILED_HEAD_DIMS = (40, 64, 80, 160)  # every BLOCK_D, and 40's unaligned rows
 
 
 @triton.jit
-def _frame_tile(ptr, row, head, offs_t, offs_d, stride_b, stride_h, stride_n, stride_d):
-    """Pointers to the (BLOCK_T, BLOCK_D) tile of row ``row`` (b*F + f) of a (B*F, H, N, D) tensor."""
-    return ptr + row * stride_b + head * stride_h + offs_t[:, None] * stride_n + offs_d[None, :] * stride_d
+def _frame_tile(ptr, first_row, head, offs_t, offs_d, stride_b, stride_h, stride_n, stride_d, STRIDE_UNIT: tl.constexpr):
+    """Pointers to the (BLOCK_T, BLOCK_D) tile of row ``first_row`` (b*F + 0) of a (B*F, H, N, D)
+    tensor, and the step in elements from one frame's tile to the next. The launcher divided the
+    b, h, n strides by STRIDE_UNIT: multiplying back here tells Triton that every tile row starts
+    STRIDE_UNIT-aligned (16-byte vectors at head dim 40)."""
+    frame_step = stride_b * STRIDE_UNIT
+    rows = (head * stride_h + offs_t[:, None] * stride_n) * STRIDE_UNIT
+    return ptr + first_row * frame_step + rows + offs_d[None, :] * stride_d, frame_step
 
 
 @triton.jit
@@ -106,12 +112,6 @@ def _temporal_attn_fwd_kernel(
     STRIDE_UNIT: tl.constexpr,
 ):
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads the head dim: it must cover HEAD_DIM")
-    # the launcher divided every b, h, n stride by STRIDE_UNIT: multiplying back tells Triton
-    # that each tile row starts STRIDE_UNIT-aligned (16-byte vectors for head dim 40)
-    stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
-    stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
-    stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
-    stride_ob, stride_oh, stride_on = stride_ob * STRIDE_UNIT, stride_oh * STRIDE_UNIT, stride_on * STRIDE_UNIT
 
     pid_t = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
@@ -121,23 +121,23 @@ def _temporal_attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_t = offs_t < n_tokens
     mask = mask_t[:, None] & (offs_d < HEAD_DIM)[None, :]  # (BLOCK_T, BLOCK_D)
-    # frame 0's tiles; frame j is j * stride_*b further on
-    q_tile = _frame_tile(q_ptr, first_row, head, offs_t, offs_d, stride_qb, stride_qh, stride_qn, stride_qd)
-    k_tile = _frame_tile(k_ptr, first_row, head, offs_t, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
-    v_tile = _frame_tile(v_ptr, first_row, head, offs_t, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
-    o_tile = _frame_tile(o_ptr, first_row, head, offs_t, offs_d, stride_ob, stride_oh, stride_on, stride_od)
+    # frame 0's tiles; frame j's are j * *_step elements further on
+    q_tile, q_step = _frame_tile(q_ptr, first_row, head, offs_t, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, STRIDE_UNIT)
+    k_tile, k_step = _frame_tile(k_ptr, first_row, head, offs_t, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, STRIDE_UNIT)
+    v_tile, v_step = _frame_tile(v_ptr, first_row, head, offs_t, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, STRIDE_UNIT)
+    o_tile, o_step = _frame_tile(o_ptr, first_row, head, offs_t, offs_d, stride_ob, stride_oh, stride_on, stride_od, STRIDE_UNIT)
     lse_row = lse_ptr + (first_row * n_heads + head) * n_tokens + offs_t  # frame i: + i * n_heads * n_tokens
 
     for i in range(0, num_frames):
-        q = tl.load(q_tile + i * stride_qb, mask=mask, other=0.0).to(tl.float32)
+        q = tl.load(q_tile + i * q_step, mask=mask, other=0.0).to(tl.float32)
         # -- online softmax over the key frames; fp32 running max, sum and output. Padded tokens
         # load zeros, score 0 and are never stored --
         m = tl.full((BLOCK_T,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_T,), tl.float32)
         acc = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
         for j in range(0, num_frames):
-            k = tl.load(k_tile + j * stride_kb, mask=mask, other=0.0).to(tl.float32)
-            v = tl.load(v_tile + j * stride_vb, mask=mask, other=0.0).to(tl.float32)
+            k = tl.load(k_tile + j * k_step, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(v_tile + j * v_step, mask=mask, other=0.0).to(tl.float32)
             s = tl.sum(q * k, axis=1) * qk_scale  # (BLOCK_T,), log2 units
             m_new = tl.maximum(m, s)
             alpha = tl.exp2(m - m_new)  # rescales what was accumulated under the old max
@@ -146,7 +146,7 @@ def _temporal_attn_fwd_kernel(
             acc = acc * alpha[:, None] + p[:, None] * v
             m = m_new
         # -- epilogue: normalise, store out and the LSE the backward recomputes P from --
-        tl.store(o_tile + i * stride_ob, (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_tile + i * o_step, (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=mask)
         tl.store(lse_row + i * n_heads * n_tokens, m + tl.log2(l), mask=mask_t)
 
 
@@ -180,12 +180,6 @@ def _temporal_attn_bwd_kernel(
     dV_j = sum_i P_ij dO_i,  dP_ij = dO_i . V_j,  dS_ij = P_ij (dP_ij - delta_i) with
     delta_i = dO_i . O_i,  dQ_i = scale * sum_j dS_ij K_j,  dK_j = scale * sum_i dS_ij Q_i."""
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads the head dim: it must cover HEAD_DIM")
-    stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
-    stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
-    stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
-    stride_ob, stride_oh, stride_on = stride_ob * STRIDE_UNIT, stride_oh * STRIDE_UNIT, stride_on * STRIDE_UNIT
-    stride_dob, stride_doh, stride_don = stride_dob * STRIDE_UNIT, stride_doh * STRIDE_UNIT, stride_don * STRIDE_UNIT
-    stride_dqb, stride_dqh, stride_dqn = stride_dqb * STRIDE_UNIT, stride_dqh * STRIDE_UNIT, stride_dqn * STRIDE_UNIT
 
     pid_t = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
@@ -195,35 +189,35 @@ def _temporal_attn_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_t = offs_t < n_tokens
     mask = mask_t[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q_tile = _frame_tile(q_ptr, first_row, head, offs_t, offs_d, stride_qb, stride_qh, stride_qn, stride_qd)
-    k_tile = _frame_tile(k_ptr, first_row, head, offs_t, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
-    v_tile = _frame_tile(v_ptr, first_row, head, offs_t, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
-    o_tile = _frame_tile(o_ptr, first_row, head, offs_t, offs_d, stride_ob, stride_oh, stride_on, stride_od)
-    do_tile = _frame_tile(do_ptr, first_row, head, offs_t, offs_d, stride_dob, stride_doh, stride_don, stride_dod)
+    q_tile, q_step = _frame_tile(q_ptr, first_row, head, offs_t, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, STRIDE_UNIT)
+    k_tile, k_step = _frame_tile(k_ptr, first_row, head, offs_t, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, STRIDE_UNIT)
+    v_tile, v_step = _frame_tile(v_ptr, first_row, head, offs_t, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, STRIDE_UNIT)
+    o_tile, o_step = _frame_tile(o_ptr, first_row, head, offs_t, offs_d, stride_ob, stride_oh, stride_on, stride_od, STRIDE_UNIT)
+    do_tile, do_step = _frame_tile(do_ptr, first_row, head, offs_t, offs_d, stride_dob, stride_doh, stride_don, stride_dod, STRIDE_UNIT)
     # dk and dv share dq's strides (the launcher allocates all three alike)
-    dq_tile = _frame_tile(dq_ptr, first_row, head, offs_t, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd)
-    dk_tile = _frame_tile(dk_ptr, first_row, head, offs_t, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd)
-    dv_tile = _frame_tile(dv_ptr, first_row, head, offs_t, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd)
+    dq_tile, dq_step = _frame_tile(dq_ptr, first_row, head, offs_t, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd, STRIDE_UNIT)
+    dk_tile, _ = _frame_tile(dk_ptr, first_row, head, offs_t, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd, STRIDE_UNIT)
+    dv_tile, _ = _frame_tile(dv_ptr, first_row, head, offs_t, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd, STRIDE_UNIT)
     stat_offs = (first_row * n_heads + head) * n_tokens + offs_t  # frame i: + i * frame_stat_stride
     frame_stat_stride = n_heads * n_tokens
 
     # -- 1. per query frame i: delta_i, then dQ_i = scale * sum_j dS_ij K_j --
     # Padded tokens have q = do = o = 0, so dS = 0 there; they are never stored.
     for i in range(0, num_frames):
-        q = tl.load(q_tile + i * stride_qb, mask=mask, other=0.0).to(tl.float32)
-        do = tl.load(do_tile + i * stride_dob, mask=mask, other=0.0).to(tl.float32)
-        o = tl.load(o_tile + i * stride_ob, mask=mask, other=0.0).to(tl.float32)
+        q = tl.load(q_tile + i * q_step, mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(do_tile + i * do_step, mask=mask, other=0.0).to(tl.float32)
+        o = tl.load(o_tile + i * o_step, mask=mask, other=0.0).to(tl.float32)
         delta = tl.sum(do * o, axis=1)  # (BLOCK_T,)
         tl.store(delta_ptr + stat_offs + i * frame_stat_stride, delta, mask=mask_t)
         lse = tl.load(lse_ptr + stat_offs + i * frame_stat_stride, mask=mask_t, other=0.0)
         dq = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
         for j in range(0, num_frames):
-            k = tl.load(k_tile + j * stride_kb, mask=mask, other=0.0).to(tl.float32)
-            v = tl.load(v_tile + j * stride_vb, mask=mask, other=0.0).to(tl.float32)
+            k = tl.load(k_tile + j * k_step, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(v_tile + j * v_step, mask=mask, other=0.0).to(tl.float32)
             p = tl.exp2(tl.sum(q * k, axis=1) * qk_scale - lse)
             ds = p * (tl.sum(do * v, axis=1) - delta)
             dq += ds[:, None] * k
-        tl.store(dq_tile + i * stride_dqb, (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
+        tl.store(dq_tile + i * dq_step, (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
 
     # delta was stored by this program's threads in the layout of a (BLOCK_T,) reduction; the
     # loads below may map its elements to other threads of the block
@@ -231,21 +225,21 @@ def _temporal_attn_bwd_kernel(
 
     # -- 2. per key frame j: dV_j = sum_i P_ij dO_i, dK_j = scale * sum_i dS_ij Q_i --
     for j in range(0, num_frames):
-        k = tl.load(k_tile + j * stride_kb, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_tile + j * stride_vb, mask=mask, other=0.0).to(tl.float32)
+        k = tl.load(k_tile + j * k_step, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_tile + j * v_step, mask=mask, other=0.0).to(tl.float32)
         dk = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
         dv = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
         for i in range(0, num_frames):
-            q = tl.load(q_tile + i * stride_qb, mask=mask, other=0.0).to(tl.float32)
-            do = tl.load(do_tile + i * stride_dob, mask=mask, other=0.0).to(tl.float32)
+            q = tl.load(q_tile + i * q_step, mask=mask, other=0.0).to(tl.float32)
+            do = tl.load(do_tile + i * do_step, mask=mask, other=0.0).to(tl.float32)
             lse = tl.load(lse_ptr + stat_offs + i * frame_stat_stride, mask=mask_t, other=0.0)
             delta = tl.load(delta_ptr + stat_offs + i * frame_stat_stride, mask=mask_t, other=0.0)
             p = tl.exp2(tl.sum(q * k, axis=1) * qk_scale - lse)
             ds = p * (tl.sum(do * v, axis=1) - delta)
             dv += p[:, None] * do
             dk += ds[:, None] * q
-        tl.store(dk_tile + j * stride_dqb, (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask)
-        tl.store(dv_tile + j * stride_dqb, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+        tl.store(dk_tile + j * dq_step, (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask)
+        tl.store(dv_tile + j * dq_step, dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
 # -- launch configuration -----------------------------------------------------------------------
@@ -323,11 +317,12 @@ def temporal_attn_fwd(q, k, v, num_frames: int, scale: float):
     return out, lse
 
 
-def temporal_attn_bwd(q, k, v, out, lse, grad_out, num_frames: int, scale: float):
+def temporal_attn_bwd(grad_out, q, k, v, out, lse, num_frames: int, scale: float):
     """Run the backward kernel.
 
     Args:
-        q, k, v, out, grad_out: (batch*frames, heads, tokens, head_dim), any strides, one dtype.
+        grad_out: (batch*frames, heads, tokens, head_dim), gradient of ``out``, any strides.
+        q, k, v, out: as given to / returned by :func:`temporal_attn_fwd`, q's dtype.
         lse: (batch*frames, heads, tokens) fp32 contiguous, from :func:`temporal_attn_fwd`.
 
     Returns:
@@ -349,11 +344,9 @@ def gpu_launches(frames: int = 8, tokens: int = 4096) -> list[Launch]:
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for head_dim in COMPILED_HEAD_DIMS:
             heads = 5 if head_dim == 64 else 8
-            q, k, v, out, grad_out, dq, dk, dv = (
-                torch.empty(frames, tokens, heads, head_dim, dtype=dtype, device="meta").transpose(1, 2)
-                for _ in range(8)
+            q, k, v, out, grad_out, dq, dk, dv, lse, delta = attention_meta_inputs(
+                frames, tokens, heads, head_dim, dtype, count=8
             )
-            lse, delta = (torch.empty(q.shape[:3], device="meta") for _ in range(2))
             label = f"D{head_dim}-F{frames}-{str(dtype).removeprefix('torch.')}"
             for launch in (_fwd_launch(q, k, v, out, lse, frames, 0.125),
                            _bwd_launch(q, k, v, out, lse, delta, grad_out, dq, dk, dv, frames, 0.125)):
@@ -362,23 +355,7 @@ def gpu_launches(frames: int = 8, tokens: int = 4096) -> list[Launch]:
     return launches
 
 
-# -- autograd -----------------------------------------------------------------------------------
-
-
-class TemporalAttnFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, num_frames: int, scale: float):
-        out, lse = temporal_attn_fwd(q, k, v, num_frames, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.num_frames, ctx.scale = num_frames, scale
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = temporal_attn_bwd(q, k, v, out, lse, grad_out, ctx.num_frames, ctx.scale)
-        return dq, dk, dv, None, None
+# -- entry point ------------------------------------------------------------------------------
 
 
 def temporal_attn_triton(q, k, v, num_frames: int, scale: float) -> torch.Tensor:
@@ -394,10 +371,5 @@ def temporal_attn_triton(q, k, v, num_frames: int, scale: float) -> torch.Tensor
     Returns:
         (batch*frames, heads, tokens, head_dim) in q's dtype.
     """
-    check_tensors("temporal_attention", q=q, k=k, v=v)
-    if q.shape[-1] > MAX_HEAD_DIM:
-        raise UserError(
-            f"temporal_attention: head_dim must be <= {MAX_HEAD_DIM} for backend='triton', got "
-            f"{q.shape[-1]}; use more heads or backend='torch'"
-        )
-    return TemporalAttnFunction.apply(q, k, v, num_frames, scale)
+    check_attention_inputs("temporal_attention", q, k, v, MAX_HEAD_DIM)
+    return FusedAttentionFunction.apply(temporal_attn_fwd, temporal_attn_bwd, q, k, v, num_frames, float(scale))
