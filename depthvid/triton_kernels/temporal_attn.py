@@ -31,7 +31,7 @@ F runs in one program, and no partial dK/dV is written and re-read.
 Tiles and launch options (:func:`pick_config`) are a pure function of the head dim: BLOCK_D is
 the next power of 2 >= 64 (40 -> 64, 80 -> 128, 160 -> 256; masked lanes load zeros and are never
 stored) and BLOCK_T = 2048 / BLOCK_D tokens (32 at head dim 64, 8 at 160) at 4 warps: 16 fp32
-elements of each tile per thread, which ptxas -v compiles to 72-168 registers and no spills on
+elements of each tile per thread, which ptxas -v compiles to 72-186 registers and no spills on
 sm_80/sm_90 in every dtype (4096-element tiles spill in the fp32 backward at head dim 160). The head dim is a constexpr so that the lane mask is known to be constant over
 each 8-element vector, and the strides arrive divided by STRIDE_UNIT (see
 ``_common.stride_unit``) so that head dim 40's 8-element-aligned rows are known to be 16-byte
