@@ -129,8 +129,14 @@ def env_without_interpreter() -> dict:
 def compile_module(module_name: str, archs=tuple(SHARED_MEMORY_LIMITS), workers: int = 2) -> list[dict]:
     """Every launch of ``module_name``'s ``gpu_launches()`` compiled for every arch, in ``workers``
     subprocesses; one result per (launch, arch), launches in order, archs inner."""
+    import depthvid
+
     env = env_without_interpreter()
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    # the subprocesses compile the depthvid this process imported (a checkout run with another
+    # checkout's editable install would otherwise compile that one's kernels)
+    package_root = str(Path(depthvid.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_root, env.get("PYTHONPATH"))))
     processes = [
         subprocess.Popen(
             [sys.executable, __file__, module_name, json.dumps(list(archs)), str(worker), str(workers)],

@@ -10,7 +10,8 @@ What a binary must show:
   or wgmma on sm_90) inside their main loops (fp32 runs true fp32 "ieee" dots on CUDA cores);
 - attention and conv kernels: 128-bit global loads or 16-byte cp.async / TMA copies inside their
   main loops. The temporal kernel reduces over frames with elementwise products, not tl.dot
-  (its per-token matmuls have 1-16 rows), so no MMA is asked of it. The GroupNorm statistics
+  (its per-token matmuls have F <= 16 rows for the 8-24 frames the method uses), so no MMA is
+  asked of it; its (tokens, head dim) tiles are loaded 16 bytes at a time. The GroupNorm statistics
   kernel reads groups of C/G channels (10 for SD), so no vector width is asked of it.
 """
 from __future__ import annotations
@@ -48,27 +49,11 @@ def problems(result: dict, needs_mma: bool | None = None, needs_vector_loads: bo
     return found
 
 
-# What these checks found in the sparse-causal kernels and is not fixed yet (no GPU was available to
-# tune on): (kernel name part, label prefix or "" for all, dtype or "" for all, problem prefix).
-# The test tolerates exactly these; the table marks them "known gap".
-KNOWN_GAPS = (
-    # head dim 40 (8 heads): the strides are multiples of 8 elements, not 16, so the launch's
-    # specialisation cannot prove 16-byte alignment and the tiles are loaded without vectors
-    ("sparse_causal_attn", "D40-", "", "no 128-bit global loads"),
-    ("sparse_causal_attn", "D40-", "", "bytes of register spills"),
-    ("sparse_causal_attn", "D160-", "", "bytes of register spills"),
-    # fp32 runs true-fp32 ("ieee") dots on CUDA cores: these tiles need more than 255 registers
-    ("sparse_causal_attn", "", "float32", "bytes of register spills"),
-    # the dK/dV kernel keeps two fp32 (BLOCK_N, BLOCK_D) accumulators next to K and V
-    ("sparse_causal_attn_bwd_dkdv", "", "", "bytes of register spills"),
-    # found at integration (issue 10 left open): the temporal kernels load per-token rows without
-    # 128-bit vectors (their loop has no tile to vectorise; one frame has no loop at all), and the
-    # fused conv's epilogue (temb + residual) spills at C320 and in fp32
-    ("temporal_attn", "", "", "no 128-bit global loads"),
-    ("temporal_attn", "", "", "bytes of register spills"),
-    ("pseudo3d_conv_fwd", "C320-", "", "bytes of register spills"),
-    ("pseudo3d_conv_fwd", "", "float32", "bytes of register spills"),
-)
+# What these checks found and is not fixed yet: (kernel name part, label prefix or "" for all,
+# dtype or "" for all, problem prefix). The test tolerates exactly these; the table marks them
+# "known gap". Empty: every kernel passes at every launch configuration (issue 10). An entry
+# added here needs a comment saying why it cannot be fixed yet.
+KNOWN_GAPS: tuple[tuple[str, str, str, str], ...] = ()
 
 
 def known_gap(result: dict, problem: str) -> bool:

@@ -110,6 +110,10 @@ def test_strided_inputs_and_grad():
     q, k, v = (torch.randn(num_frames, tokens, heads, head_dim).transpose(1, 2) for _ in range(3))
     grad_out = torch.randn(num_frames, heads, 1, head_dim).expand(num_frames, heads, tokens, head_dim)
     assert not q.is_contiguous() and grad_out.stride(2) == 0
+    # head dim 40: the strides are multiples of 8 elements, not 16, and the kernels are told so
+    config = sca.launch_config(head_dim, q.dtype, on_gpu=False)
+    launch = sca._fwd_launch(q, k, v, torch.empty_like(q), torch.empty(q.shape[:3]), num_frames, 1.0, config, False)
+    assert launch.kwargs["STRIDE_UNIT"] == 8
     assert_matches_reference(q, k, v, grad_out, num_frames)
 
 

@@ -20,14 +20,16 @@ TOLERANCES = {
     torch.bfloat16: dict(factor=2.0, atol=torch.finfo(torch.bfloat16).eps),
 }
 
+# Under the interpreter the launchers pick the GPU tiles: BLOCK_T = 32 tokens at head dims 40/64
+# (BLOCK_D 64), 16 at 80 (BLOCK_D 128), 8 at 160 (BLOCK_D 256). Token counts are not multiples of
+# BLOCK_T, so the last tile of each (video, head) is ragged.
 SHAPES = {  # label: (batch, frames, heads, tokens, head_dim)
-    "one frame": (2, 1, 2, 9, 64),
-    "two frames, ragged tokens, head dim 40": (1, 2, 2, 17, 40),
-    "three frames, head dim 160": (1, 3, 1, 5, 160),
-    "five frames, head dim 80": (1, 5, 2, 11, 80),
-    "eight frames, two videos": (2, 8, 1, 9, 40),
-    "20 frames: three 8-frame chunks, last one ragged": (1, 20, 1, 2, 160),
-    "32 frames: two 16-frame chunks": (1, 32, 1, 3, 64),
+    "one frame, head dim 64, three tiles": (2, 1, 2, 70, 64),
+    "two frames, head dim 40, two tiles": (1, 2, 2, 37, 40),
+    "three frames, head dim 160, three tiles": (1, 3, 1, 21, 160),
+    "five frames, head dim 80, two tiles": (1, 5, 2, 19, 80),
+    "eight frames, two videos, head dim 40, one partial tile": (2, 8, 1, 9, 40),
+    "eight frames, head dim 160, two tiles": (1, 8, 1, 13, 160),
 }
 
 
@@ -139,22 +141,31 @@ def test_cpu_tensors_without_interpreter_raise_user_error(monkeypatch):
         temporal_attention(q, k, v, 2, backend="triton")
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
-@pytest.mark.parametrize("head_dim", [40, 64, 80, 160])
-@pytest.mark.parametrize("frames", [1, 3, 8, 9, 16, 24, 32, 33])
-def test_pick_config_respects_gpu_block_rules(frames, head_dim, backward):
-    config = kernel_module.pick_config(frames, head_dim, backward)
-    for block in (config.BLOCK_F, config.BLOCK_N, config.BLOCK_D):
+@pytest.mark.parametrize("head_dim", [1, 16, 40, 64, 80, 128, 160, 256])
+def test_pick_config_respects_gpu_block_rules(head_dim):
+    config = kernel_module.pick_config(head_dim)
+    for block in (config.BLOCK_T, config.BLOCK_D):
         assert block & (block - 1) == 0, f"{config}: blocks must be powers of 2"
-    assert config.BLOCK_D >= max(head_dim, 16)
-    assert config.BLOCK_F in (8, 16)
-    assert config.BLOCK_F * config.BLOCK_N * config.BLOCK_D <= 2048
-    assert config in kernel_module.launch_configs()["bwd" if backward else "fwd"]
+    assert max(head_dim, 64) <= config.BLOCK_D < 2 * max(head_dim, 64)
+    assert config.BLOCK_T * config.BLOCK_D == 2048  # 16 fp32 registers per thread per tile at 4 warps
+    assert config.num_warps == 4
 
 
 def test_gpu_launches_cover_every_launch_configuration():
-    # tests/test_gpu_binaries.py compiles exactly these for sm_80 and sm_90
-    launched = {(launch.kernel, tuple(sorted(launch.kwargs.items()))) for launch in kernel_module.gpu_launches()}
-    for role, kernel in (("fwd", kernel_module._temporal_attn_fwd_kernel), ("bwd", kernel_module._temporal_attn_bwd_kernel)):
-        for config in kernel_module.launch_configs()[role]:
-            assert (kernel, tuple(sorted(dict(config.constexprs, num_warps=config.num_warps).items()))) in launched
+    # tests/test_gpu_binaries.py compiles exactly these for sm_80 and sm_90: every BLOCK_D, both
+    # kernels, and head dim 40's 8-element stride unit
+    launched = {(launch.kernel, launch.kwargs["BLOCK_D"], launch.kwargs["STRIDE_UNIT"]) for launch in kernel_module.gpu_launches()}
+    for kernel in (kernel_module._temporal_attn_fwd_kernel, kernel_module._temporal_attn_bwd_kernel):
+        for head_dim in range(1, kernel_module.MAX_HEAD_DIM + 1):
+            assert (kernel, kernel_module.pick_config(head_dim).BLOCK_D, 1) in launched
+        assert (kernel, 64, 8) in launched
+
+
+def test_strides_in_units_of_eight_elements_at_head_dim_40():
+    # the model's (B*F, N, H*D) projections viewed as (B*F, H, N, D) with D = 40: every stride but
+    # the last is a multiple of 8 elements, not 16, and the kernels are told so
+    q, k, v, _ = make_inputs(1, 2, 8, 5, 40, torch.float16, diffusers_layout=True)
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:3])
+    launch = kernel_module._fwd_launch(q, k, v, out, lse, 2, 0.125)
+    assert launch.kwargs["STRIDE_UNIT"] == 8
+    assert launch.args[5:9] == (5 * 320 // 8, 40 // 8, 320 // 8, 1)  # q's (b, h, n) strides / 8, then d

@@ -1,5 +1,6 @@
 """What the three Triton kernel files share, declared once: dtype and device checks, the device
-guard, the interpreter's bf16 workaround, LOG2E, and :class:`Launch` (one kernel launch as a
+guard, the interpreter's bf16 workaround, LOG2E, the STRIDE_UNIT stride
+alignment (:func:`stride_unit`) and :class:`Launch` (one kernel launch as a
 launcher makes it, which the GPU compile check rebuilds from meta tensors).
 
 Interpreter facts (TRITON_INTERPRET=1, triton 3.9, measured): fp16 loads, arithmetic and tl.dot
@@ -65,6 +66,31 @@ def dot(a, b, FP32_DOT: tl.constexpr):
     return tl.dot(a, b)
 
 
+def stride_unit(*tensors: torch.Tensor) -> int:
+    """STRIDE_UNIT of a launch. Kernels that take it get every stride but the last of each tensor
+    divided by it and multiply them back by the constexpr, so Triton knows that every (tokens,
+    head_dim) tile row starts on a STRIDE_UNIT-element boundary. Triton's own specialisation only
+    marks integers divisible by 16: head dim 40's strides (40, 8 * 40, ...) are multiples of 8
+    elements, 16 bytes in fp16, which it cannot see, and those tiles would load without 128-bit
+    vectors. The unit is the largest power of two below 16 that divides all those strides, and 1
+    where they are all multiples of 16 (Triton sees that already; the binary stays the same)."""
+    unit = 16
+    for tensor in tensors:
+        for stride in tensor.stride()[:-1]:
+            while stride % unit:
+                unit //= 2
+    return 1 if unit == 16 else unit
+
+
+def unit_strides(unit: int, *tensors: torch.Tensor) -> tuple[int, ...]:
+    """The tensors' strides, flattened, as a STRIDE_UNIT kernel takes them (see :func:`stride_unit`):
+    all but each tensor's last divided by ``unit``."""
+    return tuple(
+        stride // unit if dim < tensor.dim() - 1 else stride
+        for tensor in tensors for dim, stride in enumerate(tensor.stride())
+    )
+
+
 def check_tensors(op: str, **tensors: torch.Tensor | None) -> None:
     """UserError unless the given tensors (None = absent) share one supported dtype and one device
     that Triton can run on here."""
@@ -86,6 +112,46 @@ def check_tensors(op: str, **tensors: torch.Tensor | None) -> None:
             f"{op}: backend='triton' needs CUDA tensors, got {first.device} tensors without TRITON_INTERPRET=1; "
             "move them to a GPU, set TRITON_INTERPRET=1 before triton is imported, or use backend='torch'"
         )
+
+
+def check_attention_inputs(op: str, q, k, v, max_head_dim: int) -> None:
+    """The Triton attention entry points' input checks: :func:`check_tensors` and the head dims
+    their register tiles hold."""
+    check_tensors(op, q=q, k=k, v=v)
+    if not 1 <= q.shape[-1] <= max_head_dim:
+        raise UserError(
+            f"{op}: head_dim must be <= {max_head_dim} (and >= 1) for backend='triton', got {q.shape[-1]}; "
+            "use more heads or backend='torch'"
+        )
+
+
+def attention_meta_inputs(frames: int, tokens: int, heads: int, head_dim: int, dtype: torch.dtype, count: int):
+    """``count`` meta tensors laid out as the model's attention inputs ((B*F, N, H, D) projections
+    viewed as (B*F, H, N, D)) and two fp32 (B*F, H, N) statistics (LSE, delta): the arguments the
+    attention kernels' ``gpu_launches`` launch with."""
+    tensors = [torch.empty(frames, tokens, heads, head_dim, dtype=dtype, device="meta").transpose(1, 2) for _ in range(count)]
+    stats = [torch.empty(frames, heads, tokens, device="meta") for _ in range(2)]
+    return (*tensors, *stats)
+
+
+class FusedAttentionFunction(torch.autograd.Function):
+    """Autograd of a fused attention op, given its two launchers: ``fwd(q, k, v, num_frames,
+    scale) -> (out, lse)`` and ``bwd(do, q, k, v, out, lse, num_frames, scale) -> (dq, dk, dv)``.
+    Differentiable in q, k, v; saves q, k, v, out and the fp32 LSE for the backward."""
+
+    @staticmethod
+    def forward(ctx, fwd, bwd, q, k, v, num_frames: int, scale: float):
+        out, lse = fwd(q, k, v, num_frames, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.bwd, ctx.num_frames, ctx.scale = bwd, num_frames, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.bwd(do, q, k, v, out, lse, ctx.num_frames, ctx.scale)
+        return None, None, dq, dk, dv, None, None
 
 
 @dataclasses.dataclass

@@ -45,8 +45,8 @@ SD has only three stride-2 convs.
 
 Launch shape: grid (pixel blocks of one frame, C_out blocks, B*F); one flat K loop over
 (tap, channel block), so a block never straddles two frames and the pipeliner sees one loop.
-Configs (``pick_conv_config``): BLOCK_M = 128, BLOCK_N = 128 or 64, BLOCK_K = 64 (fp16/bf16) or
-32 (fp32). Shared memory, registers and spills per configuration: ``python tests/gpu_binaries.py``.
+Configs (``pick_conv_config``): BLOCK_M = 128 (fp16/bf16) or 64 (fp32), BLOCK_N = 128 or 64,
+BLOCK_K = 64 (fp16/bf16) or 32 (fp32). Shared memory, registers and spills per configuration: ``python tests/gpu_binaries.py``.
 
 Layouts (what makes the main loop's loads 16 bytes wide): activations are read channels-last, so
 a tap's (pixels, channels) tile is contiguous along K and a tap shift moves by whole pixels (C
@@ -145,6 +145,25 @@ def _group_norm_stats_kernel(
 
 
 @triton.jit
+def _tap_and_channels(step, channel_blocks, kernel_w, BLOCK_K: tl.constexpr):
+    """Step ``step`` of a conv kernel's flat K loop over (tap, channel block): the tap's (row,
+    column) and the block's BLOCK_K reduction channels."""
+    tap = step // channel_blocks
+    i = tap // kernel_w
+    j = tap - i * kernel_w
+    offs_k = (step - tap * channel_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+    return i, j, offs_k
+
+
+@triton.jit
+def _weight_tile(w_cols, i, j, offs_k, mask_k, mask_n, stride_wh, stride_ww, stride_wk):
+    """The (BLOCK_K, BLOCK_N) weight tile of tap (i, j): rows ``offs_k`` at stride ``stride_wk``
+    (C_in for the forward, C_out for dX), columns the pointers ``w_cols``; zero where masked."""
+    w_offs = (i * stride_wh + j * stride_ww) + offs_k * stride_wk
+    return tl.load(w_offs[:, None] + w_cols[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+
+
+@triton.jit
 def _pseudo3d_conv_fwd_kernel(
     x_ptr,  # (B, C_in, F, H, W), any strides
     weight_ptr,  # (C_out, C_in, kernel_h, kernel_w), any strides
@@ -231,10 +250,7 @@ def _pseudo3d_conv_fwd_kernel(
     # pipeliner multi-buffers two tiles (not two per tap) and compiles one loop, not one per tap
     channel_blocks = tl.cdiv(c_in, BLOCK_K)
     for step in range(0, kernel_h * kernel_w * channel_blocks):
-        tap = step // channel_blocks
-        i = tap // kernel_w
-        j = tap - i * kernel_w
-        offs_k = (step - tap * channel_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)  # input channel
+        i, j, offs_k = _tap_and_channels(step, channel_blocks, kernel_w, BLOCK_K)  # offs_k: input channels
         mask_k = offs_k < c_in
         inside = (i >= row_lo) & (i < row_hi) & (j >= col_lo) & (j < col_hi)
         x_mask = inside[:, None] & mask_k[None, :]
@@ -247,8 +263,7 @@ def _pseudo3d_conv_fwd_kernel(
             z = x_tile.to(tl.float32) * norm_scale[None, :] + norm_shift[None, :]
             # the conv zero-pads the normalised input: padding stays 0 after the prologue
             x_tile = tl.where(x_mask, z * tl.sigmoid(z), 0.0).to(weight_ptr.dtype.element_ty)
-        w_offs = (i * stride_wh + j * stride_ww) + offs_k * stride_wc
-        w_tile = tl.load(w_offs[:, None] + w_cols[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        w_tile = _weight_tile(w_cols, i, j, offs_k, mask_k, mask_n, stride_wh, stride_ww, stride_wc)
         acc += dot(x_tile, w_tile, FP32_DOT)
 
     # -- epilogue: (conv + bias + temb + residual) / output_scale, one rounding to out's dtype --
@@ -335,10 +350,7 @@ def _pseudo3d_conv_bwd_dx_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     channel_blocks = tl.cdiv(c_out, BLOCK_K)
     for step in range(0, kernel_h * kernel_w * channel_blocks):
-        tap = step // channel_blocks
-        i = tap // kernel_w
-        j = tap - i * kernel_w
-        offs_k = (step - tap * channel_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)  # output channel
+        i, j, offs_k = _tap_and_channels(step, channel_blocks, kernel_w, BLOCK_K)  # offs_k: output channels
         mask_k = offs_k < c_out
         # tap (i, j) of output pixel (oh, ow) read input (oh * s - p + i, ow * s - p + j), so input
         # pixel (ih, iw) receives from oh = (ih + p - i) / s when that is a whole number in range
@@ -359,8 +371,7 @@ def _pseudo3d_conv_bwd_dx_kernel(
             mask=hit[:, None] & mask_k[None, :],
             other=0.0,
         )
-        w_offs = (i * stride_wh + j * stride_ww) + offs_k * stride_wo
-        w_tile = tl.load(w_offs[:, None] + w_cols[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        w_tile = _weight_tile(w_cols, i, j, offs_k, mask_k, mask_n, stride_wh, stride_ww, stride_wo)
         acc += dot(g_tile, w_tile, FP32_DOT)
 
     # -- epilogue: the forward divided the sum by output_scale --
@@ -392,13 +403,19 @@ def pick_conv_config(n_channels: int, dtype: torch.dtype) -> ConvConfig:
 
     A pure function of the shape: the interpreter cannot autotune, and few configs keep the
     GPU compile check short. SD's channel counts are 320, 640 and 1280: BLOCK_N = 128 where it
-    divides them, else 64 (320 = 5 x 64, and the 4-channel conv_out). fp32 halves BLOCK_K to
-    keep the shared memory of the half-precision config. 8x8 frames (SD's deepest level at a
-    64x64 latent) fill half of a BLOCK_M = 128 tile.
+    divides them, else 64 (320 = 5 x 64, and the 4-channel conv_out). 8x8 frames (SD's deepest
+    level at a 64x64 latent) fill half of a BLOCK_M = 128 tile.
+
+    Sized with ptxas -v on sm_80/sm_90 so that no configuration spills registers, the fused
+    forward (prologue + temb + residual epilogue) included: fp16/bf16 run 128 x BLOCK_N x 64 tiles
+    on 8 warps (4 warps at BLOCK_N = 64 spilled in the fused epilogue on sm_90). fp32 runs
+    true-fp32 ("ieee") dots on CUDA cores, which hold more per thread: 64 x BLOCK_N x 32 tiles
+    (128-pixel tiles spilled in the fused forward), BLOCK_N / 16 warps.
     """
     block_n = 128 if n_channels % 128 == 0 else 64
-    block_k = 32 if dtype == torch.float32 else 64
-    return ConvConfig(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=block_n // 16, num_stages=3)
+    if dtype == torch.float32:
+        return ConvConfig(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=32, num_warps=block_n // 16, num_stages=3)
+    return ConvConfig(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
 # ----------------------------------------------------------------------------- layouts

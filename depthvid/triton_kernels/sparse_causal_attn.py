@@ -3,6 +3,8 @@
 Frame f of a video attends to the tokens of frame 0 and frame f-1; frames 0 and 1 attend to frame 0
 only, once (Tune-A-Video concatenates frame 0 with itself there, which gives the same softmax).
 Layout: q, k, v are (B*F, H, N, D) with any strides, row = b*F + f.
+The launchers pass the strides in units of STRIDE_UNIT (``_common.stride_unit``), so that head
+dim 40's tiles, whose rows are 8-element aligned, still load 16 bytes at a time.
 
 Forward: flash attention (online softmax, exp2 with log2(e) folded into the scale, fp32
 accumulators). One program per (query block of BLOCK_M tokens, row b*F+f, head h) streams the key
@@ -54,8 +56,10 @@ import torch
 import triton
 import triton.language as tl
 
-from depthvid.errors import UserError
-from depthvid.triton_kernels._common import LOG2E, SUPPORTED_DTYPES, Launch, check_tensors, dot, fp32_dot
+from depthvid.triton_kernels._common import (
+    LOG2E, SUPPORTED_DTYPES, FusedAttentionFunction, Launch, attention_meta_inputs, check_attention_inputs, dot,
+    fp32_dot, stride_unit, unit_strides,
+)
 
 MAX_HEAD_DIM = 256
 # Head dims the GPU compile check covers: SD2's 64 and the padded 40, 80, 160 of other UNets. They
@@ -75,6 +79,17 @@ def _tile(ptr, row, head, offs_tokens, offs_d, stride_b, stride_h, stride_n, str
 
 
 @triton.jit
+def _load_tile_pair(a_frame_ptr, b_frame_ptr, tokens, offs_d, token_mask, d_mask,
+                    stride_an, stride_ad, stride_bn, stride_bd):
+    """The (tokens, head dim) tiles of two (N, D) frames (K and V, or Q and dO), zero where
+    masked: the loads of the key loops (forward, dQ) and of the query loop (dK/dV)."""
+    mask = token_mask[:, None] & d_mask[None, :]
+    a = tl.load(a_frame_ptr + tokens[:, None] * stride_an + offs_d[None, :] * stride_ad, mask=mask, other=0.0)
+    b = tl.load(b_frame_ptr + tokens[:, None] * stride_bn + offs_d[None, :] * stride_bd, mask=mask, other=0.0)
+    return a, b
+
+
+@triton.jit
 def _fwd_key_frame(
     acc, m_i, l_i, q,
     k_frame_ptr, v_frame_ptr,  # k, v of one (key frame, head): (N, D) at strides (stride_*n, stride_*d)
@@ -87,9 +102,8 @@ def _fwd_key_frame(
     for start_n in range(0, n_tokens, BLOCK_N):
         cols = start_n + offs_n
         col_mask = cols < n_tokens
-        kv_mask = col_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_frame_ptr + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_frame_ptr + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k, v = _load_tile_pair(k_frame_ptr, v_frame_ptr, cols, offs_d, col_mask, d_mask,
+                               stride_kn, stride_kd, stride_vn, stride_vd)
         # scores in log2 units: qk_scale = scale * log2(e), so exp2 below is exp of the real scores
         qk = dot(q, tl.trans(k), FP32_DOT) * qk_scale
         qk = tl.where(col_mask[None, :], qk, float("-inf"))
@@ -118,10 +132,16 @@ def _sparse_causal_attn_fwd_kernel(
     n_heads, n_tokens, num_frames, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    FP32_DOT: tl.constexpr,
+    FP32_DOT: tl.constexpr, STRIDE_UNIT: tl.constexpr,
 ):
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads the head dim: it must cover HEAD_DIM")
     tl.static_assert(BLOCK_D >= 16 and BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs every block dim >= 16")
+    # the launcher divided every b, h, n stride by STRIDE_UNIT (_common.stride_unit): multiplying
+    # back tells Triton that each tile row starts STRIDE_UNIT-aligned (16-byte vectors at head dim 40)
+    stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
+    stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
+    stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
+    stride_ob, stride_oh, stride_on = stride_ob * STRIDE_UNIT, stride_oh * STRIDE_UNIT, stride_on * STRIDE_UNIT
     pid_m = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)  # b*F + f, int64 so row * stride cannot overflow
     head = tl.program_id(2).to(tl.int64)
@@ -178,9 +198,8 @@ def _bwd_dq_key_frame(
     for start_n in range(0, n_tokens, BLOCK_N):
         cols = start_n + offs_n
         col_mask = cols < n_tokens
-        kv_mask = col_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_frame_ptr + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_frame_ptr + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k, v = _load_tile_pair(k_frame_ptr, v_frame_ptr, cols, offs_d, col_mask, d_mask,
+                               stride_kn, stride_kd, stride_vn, stride_vd)
         # P recomputed from the saved LSE (lse2 = LSE * log2(e)): no running max needed
         qk = dot(q, tl.trans(k), FP32_DOT) * qk_scale
         p = tl.where(col_mask[None, :], tl.math.exp2(qk - lse2[:, None]), 0.0)
@@ -210,10 +229,18 @@ def _sparse_causal_attn_bwd_dq_kernel(
     n_heads, n_tokens, num_frames, scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    FP32_DOT: tl.constexpr,
+    FP32_DOT: tl.constexpr, STRIDE_UNIT: tl.constexpr,
 ):
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads the head dim: it must cover HEAD_DIM")
     tl.static_assert(BLOCK_D >= 16 and BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs every block dim >= 16")
+    # the launcher divided every b, h, n stride by STRIDE_UNIT (_common.stride_unit): multiplying
+    # back tells Triton that each tile row starts STRIDE_UNIT-aligned (16-byte vectors at head dim 40)
+    stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
+    stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
+    stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
+    stride_ob, stride_oh, stride_on = stride_ob * STRIDE_UNIT, stride_oh * STRIDE_UNIT, stride_on * STRIDE_UNIT
+    stride_dob, stride_doh, stride_don = stride_dob * STRIDE_UNIT, stride_doh * STRIDE_UNIT, stride_don * STRIDE_UNIT
+    stride_dqb, stride_dqh, stride_dqn = stride_dqb * STRIDE_UNIT, stride_dqh * STRIDE_UNIT, stride_dqn * STRIDE_UNIT
     pid_m = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     head = tl.program_id(2).to(tl.int64)
@@ -273,9 +300,8 @@ def _bwd_dkdv_query_frame(
     for start_m in range(0, n_tokens, BLOCK_M):
         rows = start_m + offs_m
         row_mask = rows < n_tokens
-        qd_mask = row_mask[:, None] & d_mask[None, :]
-        q = tl.load(q_frame_ptr + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-        do = tl.load(do_frame_ptr + rows[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
+        q, do = _load_tile_pair(q_frame_ptr, do_frame_ptr, rows, offs_d, row_mask, d_mask,
+                                stride_qn, stride_qd, stride_don, stride_dod)
         lse2 = tl.load(lse_frame_ptr + rows, mask=row_mask, other=0.0) * LOG2E
         delta = tl.load(delta_frame_ptr + rows, mask=row_mask, other=0.0)
         # transposed scores, (BLOCK_N keys, BLOCK_M queries); padded queries get P = 0
@@ -307,10 +333,18 @@ def _sparse_causal_attn_bwd_dkdv_kernel(
     n_videos, n_heads, n_tokens, num_frames, scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    FP32_DOT: tl.constexpr,
+    FP32_DOT: tl.constexpr, STRIDE_UNIT: tl.constexpr,
 ):
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads the head dim: it must cover HEAD_DIM")
     tl.static_assert(BLOCK_D >= 16 and BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs every block dim >= 16")
+    # the launcher divided every b, h, n stride by STRIDE_UNIT (_common.stride_unit): multiplying
+    # back tells Triton that each tile row starts STRIDE_UNIT-aligned (16-byte vectors at head dim 40)
+    stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
+    stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
+    stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
+    stride_dob, stride_doh, stride_don = stride_dob * STRIDE_UNIT, stride_doh * STRIDE_UNIT, stride_don * STRIDE_UNIT
+    stride_dkb, stride_dkh, stride_dkn = stride_dkb * STRIDE_UNIT, stride_dkh * STRIDE_UNIT, stride_dkn * STRIDE_UNIT
+    stride_dvb, stride_dvh, stride_dvn = stride_dvb * STRIDE_UNIT, stride_dvh * STRIDE_UNIT, stride_dvn * STRIDE_UNIT
     pid_n = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     # frame-major grid axis: program_id(2) = frame * B + b, so the frame-0 programs launch first
@@ -389,16 +423,24 @@ def _block_d(head_dim: int) -> int:
     return max(64, triton.next_power_of_2(head_dim))
 
 
-# Untuned starting points (no GPU was available to tune), sized so that every kernel fits the
-# shared memory of an A100 (163 KB) and an H100 (227 KB); tests/test_sparse_causal_attn.py compiles
-# all of them for sm_80 and sm_90. Keyed by (block_d, bytes per element) -> (fwd, bwd_dq, bwd_dkdv).
+# Not timed (no GPU was available to tune on): each entry is the largest tile found that compiles
+# with no register spills and MMA in the main loops on sm_80 and sm_90 (python tests/gpu_binaries.py
+# prints registers and spills; every entry fits the shared memory of an A100, 163 KB, and an H100,
+# 227 KB). Keyed by (block_d, bytes per element) -> (fwd, bwd_dq, bwd_dkdv); head dim 40 shares the
+# 64 block with SD's 64. What the search found:
+# - fp16/bf16: 8 warps for 128-query forward tiles at block_d 64 (4 warps needed all 255 registers
+#   at head dim 64 and spilled at 40), and for the dK/dV kernel, which holds two fp32 accumulators
+#   next to its K and V tiles (4 warps spilled at every head dim).
+# - fp32 runs true-fp32 ("ieee") dots on CUDA cores: a thread holds whole K rows of both operands,
+#   so tiles shrink as block_d grows (16-query tiles from block_d 128 on). num_stages = 1 spilled
+#   kilobytes in the block_d 256 dQ kernel where num_stages = 2 did not.
 _GPU_CONFIGS = {
-    (64, 2): (KernelConfig(128, 64, 4, 3), KernelConfig(128, 32, 4, 3), KernelConfig(32, 128, 4, 3)),
-    (128, 2): (KernelConfig(128, 64, 8, 3), KernelConfig(64, 32, 4, 2), KernelConfig(32, 64, 4, 2)),
-    (256, 2): (KernelConfig(64, 32, 8, 2), KernelConfig(32, 32, 4, 2), KernelConfig(32, 32, 4, 2)),
-    (64, 4): (KernelConfig(64, 64, 4, 2), KernelConfig(64, 32, 4, 2), KernelConfig(32, 64, 4, 2)),
-    (128, 4): (KernelConfig(64, 32, 4, 2), KernelConfig(32, 32, 4, 2), KernelConfig(32, 32, 4, 2)),
-    (256, 4): (KernelConfig(32, 32, 4, 1), KernelConfig(16, 32, 4, 1), KernelConfig(16, 32, 4, 1)),
+    (64, 2): (KernelConfig(128, 64, 8, 3), KernelConfig(128, 32, 4, 3), KernelConfig(32, 128, 8, 3)),
+    (128, 2): (KernelConfig(128, 64, 8, 3), KernelConfig(64, 32, 4, 2), KernelConfig(32, 64, 8, 2)),
+    (256, 2): (KernelConfig(64, 32, 8, 2), KernelConfig(32, 32, 4, 2), KernelConfig(32, 32, 8, 2)),
+    (64, 4): (KernelConfig(32, 32, 4, 2), KernelConfig(64, 32, 8, 2), KernelConfig(16, 32, 4, 2)),
+    (128, 4): (KernelConfig(16, 32, 8, 2), KernelConfig(16, 32, 4, 2), KernelConfig(16, 32, 4, 2)),
+    (256, 4): (KernelConfig(32, 32, 8, 1), KernelConfig(16, 32, 4, 2), KernelConfig(16, 16, 4, 1)),
 }
 # The interpreter runs programs one by one; 32-token tiles make tests at N = 33..64 cross tile
 # boundaries (multi-block online softmax, ragged last tile) while keeping the arrays small.
@@ -432,12 +474,12 @@ def launch_configs(head_dims=COMPILED_HEAD_DIMS, dtypes=SUPPORTED_DTYPES) -> lis
 def _fwd_launch(q, k, v, out, lse, num_frames: int, scale: float, config: SparseCausalAttnConfig, on_gpu: bool):
     rows, heads, tokens, head_dim = q.shape
     cfg = config.fwd
+    unit = stride_unit(q, k, v, out)
     return Launch(
         _sparse_causal_attn_fwd_kernel, (triton.cdiv(tokens, cfg.block_m), rows, heads),
-        (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-         heads, tokens, num_frames, scale * LOG2E.value),
+        (q, k, v, out, lse, *unit_strides(unit, q, k, v, out), heads, tokens, num_frames, scale * LOG2E.value),
         dict(HEAD_DIM=head_dim, BLOCK_D=config.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-             FP32_DOT=fp32_dot(q.dtype, on_gpu), num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+             FP32_DOT=fp32_dot(q.dtype, on_gpu), STRIDE_UNIT=unit, num_warps=cfg.num_warps, num_stages=cfg.num_stages),
     )
 
 
@@ -446,11 +488,13 @@ def _bwd_launches(do, q, k, v, out, lse, delta, dq, dk, dv, num_frames: int, sca
     rows, heads, tokens, head_dim = q.shape
     dq_cfg, dkdv_cfg = config.bwd_dq, config.bwd_dkdv
     videos = rows // num_frames
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=config.block_d, FP32_DOT=fp32_dot(q.dtype, on_gpu))
+    # one STRIDE_UNIT for both kernels' tensors
+    unit = stride_unit(q, k, v, out, do, dq, dk, dv)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=config.block_d, FP32_DOT=fp32_dot(q.dtype, on_gpu), STRIDE_UNIT=unit)
     dq_launch = Launch(
         _sparse_causal_attn_bwd_dq_kernel, (triton.cdiv(tokens, dq_cfg.block_m), rows, heads),
         (q, k, v, out, do, dq, lse, delta,
-         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
+         *unit_strides(unit, q, k, v, out, do, dq),
          heads, tokens, num_frames, scale, scale * LOG2E.value),
         dict(common, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
              num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages),
@@ -459,7 +503,7 @@ def _bwd_launches(do, q, k, v, out, lse, delta, dq, dk, dv, num_frames: int, sca
     dkdv_launch = Launch(
         _sparse_causal_attn_bwd_dkdv_kernel, (triton.cdiv(tokens, dkdv_cfg.block_n), heads, num_frames * videos),
         (q, k, v, do, dk, dv, lse, delta,
-         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+         *unit_strides(unit, q, k, v, do, dk, dv),
          videos, heads, tokens, num_frames, scale, scale * LOG2E.value),
         dict(common, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
              num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages),
@@ -515,11 +559,9 @@ def gpu_launches(frames: int = 8, tokens: int = 4096) -> list[Launch]:
     launches = []
     for config in launch_configs():
         heads = 5 if config.head_dim == 64 else 8
-        shape = (frames, tokens, heads, config.head_dim)
-        q, k, v, out, do, dq, dk, dv = (
-            torch.empty(shape, dtype=config.dtype, device="meta").transpose(1, 2) for _ in range(8)
+        q, k, v, out, do, dq, dk, dv, lse, delta = attention_meta_inputs(
+            frames, tokens, heads, config.head_dim, config.dtype, count=8
         )
-        lse, delta = (torch.empty(q.shape[:3], device="meta") for _ in range(2))
         label = f"D{config.head_dim}-{str(config.dtype).removeprefix('torch.')}"
         for launch in (_fwd_launch(q, k, v, out, lse, frames, 0.125, config, True),
                        *_bwd_launches(do, q, k, v, out, lse, delta, dq, dk, dv, frames, 0.125, config, True)):
@@ -533,24 +575,6 @@ def gpu_launches(frames: int = 8, tokens: int = 4096) -> list[Launch]:
 # ----------------------------------------------------------------------------------------------
 
 
-class SparseCausalAttnFunction(torch.autograd.Function):
-    """Differentiable in q, k, v; saves q, k, v, out and the fp32 LSE for the backward."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, num_frames: int, scale: float):
-        out, lse = sparse_causal_attn_fwd(q, k, v, num_frames, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.num_frames = num_frames
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = sparse_causal_attn_bwd(do, q, k, v, out, lse, ctx.num_frames, ctx.scale)
-        return dq, dk, dv, None, None
-
-
 def sparse_causal_attn_triton(q, k, v, num_frames: int, scale: float) -> torch.Tensor:
     """Sparse-causal attention with the fused Triton kernels (called by depthvid.ops).
 
@@ -562,10 +586,5 @@ def sparse_causal_attn_triton(q, k, v, num_frames: int, scale: float) -> torch.T
     Returns:
         (batch*frames, heads, tokens, head_dim) in the input dtype; differentiable in q, k, v.
     """
-    check_tensors("sparse_causal_attention", q=q, k=k, v=v)
-    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
-        raise UserError(
-            f"sparse_causal_attention: head_dim must be in 1..{MAX_HEAD_DIM} for backend='triton', "
-            f"got {q.shape[-1]}; use backend='torch'"
-        )
-    return SparseCausalAttnFunction.apply(q, k, v, num_frames, float(scale))
+    check_attention_inputs("sparse_causal_attention", q, k, v, MAX_HEAD_DIM)
+    return FusedAttentionFunction.apply(sparse_causal_attn_fwd, sparse_causal_attn_bwd, q, k, v, num_frames, float(scale))

@@ -7,36 +7,46 @@ batch of tiny F x F attentions, not one long one.
 
 Kernel design
 -------------
-One program owns BLOCK_N tokens of one (b, h) and ALL F frames of those tokens. It reads the
-(B*F, H, N, D) tensors in place through their strides (no transpose copy), keeps the query frames
-as a (BLOCK_F, BLOCK_N, BLOCK_D) fp32 slab in registers and streams the key/value frames one at a
-time with an online softmax, so k and v are read from memory exactly once. Scores are computed
-with elementwise products and a reduction over D, not ``tl.dot``: per token the matmuls are
-(F x D) @ (D x F) with F as small as 1-8, below the 16-row minimum of a tensor-core tile, and the
-op is memory-bound anyway (see the numbers below). The softmax uses exp2 with the scale folded
-into log2(e) (one multiply per score), and everything is accumulated in fp32 whatever the input
-dtype. The forward saves the log-sum-exp (LSE, in log2 units, fp32, (B*F, H, N)); the backward
-recomputes the probabilities from it.
+One program owns a tile of BLOCK_T tokens x BLOCK_D (padded head dim) of one (b, h), for all F
+frames. It reads the (B*F, H, N, D) tensors in place through their strides (no transpose copy):
+every load is one frame's (BLOCK_T, BLOCK_D) tile, contiguous along D, which a GPU reads 16 bytes
+at a time. The forward loops over the query frames i and, inside, streams the key/value frames
+j with an online softmax; the K/V tiles of a program (2 x F tiles of 4 KB in fp16, 8 KB in fp32)
+are re-read F times, from L1/L2, so k and v come from DRAM once. Scores are elementwise
+products reduced over D, not ``tl.dot``: per token the matmuls are (F x D) @ (D x F) with F as
+small as 1-8, below the 16-row minimum of a tensor-core tile, and the op is memory-bound anyway
+(see the numbers below). The softmax uses exp2 with the scale folded into log2(e) (one multiply
+per score), and everything is accumulated in fp32 whatever the input dtype. The forward saves the
+log-sum-exp (LSE, in log2 units, fp32, (B*F, H, N)); the backward recomputes the probabilities
+from it.
 
-Because a program owns every frame of its tokens, the backward needs no atomics and is
-deterministic: for each key frame j it reduces dK_j and dV_j over the query frames in registers
-and stores them, while dQ accumulates in a register slab. Query frames are processed in chunks of
-BLOCK_F = 8 or 16 (bounding registers for any F); with more frames than that the backward adds
-each chunk's dK_j, dV_j to what the previous chunk stored (same program, so no race). Block sizes
-are a pure function of (F, head_dim), sized so that ptxas -v reports 64-103 registers per
-thread and no spills on sm_80/sm_90 (see ``pick_config``).
+The backward needs no atomics and is deterministic, because a program owns every frame of its
+tokens. It runs two loops over frame pairs in one program: (1) per query frame i, delta_i =
+rowsum(dO_i * O_i) (stored to a (B*F, H, N) fp32 scratch) and dQ_i = scale * sum_j dS_ij K_j;
+(2) per key frame j, dV_j = sum_i P_ij dO_i and dK_j = scale * sum_i dS_ij Q_i, reading delta_i
+back. P and dP are recomputed in both loops (14 F^2 D FLOPs per token instead of 10), which keeps
+two fp32 tiles of accumulators per loop instead of F of them: registers do not grow with F, any
+F runs in one program, and no partial dK/dV is written and re-read.
 
-Head dims that are not a power of 2 (40, 80, 160) are padded to BLOCK_D = next power of 2 with
-masked loads; query frames are padded to BLOCK_F; key frames are looped over exactly.
+Tiles and launch options (:func:`pick_config`) are a pure function of the head dim: BLOCK_D is
+the next power of 2 >= 64 (40 -> 64, 80 -> 128, 160 -> 256; masked lanes load zeros and are never
+stored) and BLOCK_T = 2048 / BLOCK_D tokens (32 at head dim 64, 8 at 160) at 4 warps: 16 fp32
+elements of each tile per thread, which ptxas -v compiles to 72-186 registers and no spills on
+sm_80/sm_90 in every dtype (4096-element tiles spill in the fp32 backward at head dim 160). The head dim is a constexpr so that the lane mask is known to be constant over
+each 8-element vector, and the strides arrive divided by STRIDE_UNIT (see
+``_common.stride_unit``) so that head dim 40's 8-element-aligned rows are known to be 16-byte
+aligned.
 
 Memory traffic and FLOPs (per call; X = B*F*H*N*D elements of e bytes, T = B*F*H*N rows)
 -----------------------------------------------------------------------------------------
-Useful FLOPs, identical for both: forward 4*F*F*D per (b, h, n) (2F^2D for QK^T, 2F^2D for PV)
-plus F^2 exp; backward 10*F*F*D (recompute S, dP, dV, dK, dQ) plus F^2 exp.
+Useful FLOPs: forward 4*F*F*D per (b, h, n) (2F^2D for QK^T, 2F^2D for PV) plus F^2 exp;
+backward 10*F*F*D (recompute S, dP, dV, dK, dQ) plus F^2 exp; this kernel spends 14*F*F*D and
+2 F^2 exp in the backward (P and dP are recomputed in both loops).
 
 Triton, forward:  reads q, k, v (3Xe), writes out (Xe) and LSE (4T bytes)     -> 4Xe + 4T.
-Triton, backward: reads q, k, v, out, dout (5Xe), LSE (4T), writes dq, dk, dv (3Xe)
-                  -> 8Xe + 4T (+ a read-modify-write of dk, dv per extra BLOCK_F chunk).
+Triton, backward: reads q, k, v, out, dout (5Xe), LSE (4T), writes dq, dk, dv (3Xe) and delta
+                  (4T, read back once)                                         -> 8Xe + 12T.
+(Re-reads of a program's own tiles in the frame-pair loops are assumed to hit L1/L2.)
 Torch reference (depthvid.ops.temporal_attn.temporal_attention_torch): permuted views to
 (B, H, N, F, D), SDPA over F, then ``permute(...).reshape`` back, which is a full copy:
 forward 4Xe (SDPA) + 2Xe (copy) = 6Xe; backward 8Xe (SDPA) + 2Xe for the output-gradient layout
@@ -61,27 +71,26 @@ import torch
 import triton
 import triton.language as tl
 
-from depthvid.errors import UserError
-from depthvid.triton_kernels._common import LOG2E, Launch, check_tensors
+from depthvid.triton_kernels._common import (
+    LOG2E, FusedAttentionFunction, Launch, attention_meta_inputs, check_attention_inputs, stride_unit, unit_strides,
+)
 
-MAX_BLOCK_F = 16  # query frames per chunk; more frames run as several chunks
-MAX_HEAD_DIM = 256  # BLOCK_D = 256 already fills the register slab with 8 query frames
+MAX_HEAD_DIM = 256  # BLOCK_D = 256 leaves 8 tokens per 2048-element tile
+COMPILED_HEAD_DIMS = (40, 64, 80, 160)  # every BLOCK_D, and 40's unaligned rows
 
 
 # -- kernels ------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _frame_tile(ptr, row, head, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d):
-    """Pointers to the (BLOCK_N, BLOCK_D) tile of one frame: row ``row`` of B*F."""
-    return ptr + row * stride_b + head * stride_h + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
-
-
-@triton.jit
-def _frames_slab(ptr, rows, head, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d):
-    """Pointers to the (BLOCK_F, BLOCK_N, BLOCK_D) slab of several frames: rows (BLOCK_F,) of B*F."""
-    return (ptr + rows[:, None, None] * stride_b + head * stride_h
-            + offs_n[None, :, None] * stride_n + offs_d[None, None, :] * stride_d)
+def _frame_tile(ptr, first_row, head, offs_t, offs_d, stride_b, stride_h, stride_n, stride_d, STRIDE_UNIT: tl.constexpr):
+    """Pointers to the (BLOCK_T, BLOCK_D) tile of row ``first_row`` (b*F + 0) of a (B*F, H, N, D)
+    tensor, and the step in elements from one frame's tile to the next. The launcher divided the
+    b, h, n strides by STRIDE_UNIT: multiplying back here tells Triton that every tile row starts
+    STRIDE_UNIT-aligned (16-byte vectors at head dim 40)."""
+    frame_step = stride_b * STRIDE_UNIT
+    rows = (head * stride_h + offs_t[:, None] * stride_n) * STRIDE_UNIT
+    return ptr + first_row * frame_step + rows + offs_d[None, :] * stride_d, frame_step
 
 
 @triton.jit
@@ -90,64 +99,55 @@ def _temporal_attn_fwd_kernel(
     k_ptr,  # (B*F, H, N, D)
     v_ptr,  # (B*F, H, N, D)
     o_ptr,  # (B*F, H, N, D)
-    lse_ptr,  # (B*F, H, N) fp32, log2 units
-    stride_qb, stride_qh, stride_qn, stride_qd,
+    lse_ptr,  # (B*F, H, N) fp32, contiguous, log2 units
+    stride_qb, stride_qh, stride_qn, stride_qd,  # b, h, n strides divided by STRIDE_UNIT
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
-    stride_lb, stride_lh, stride_ln,
-    num_frames, num_tokens, head_dim,
+    num_frames, n_heads, n_tokens,
     qk_scale,  # softmax scale * log2(e)
-    BLOCK_F: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    STRIDE_UNIT: tl.constexpr,
 ):
-    tl.static_assert(BLOCK_D >= 16, "BLOCK_D: pad the head dim to at least 16 (GPU vector loads)")
-    tl.static_assert(BLOCK_F * BLOCK_N * BLOCK_D <= 2048, "larger fp32 slabs need > 100 registers/thread")
+    tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads the head dim: it must cover HEAD_DIM")
 
-    pid_n = tl.program_id(0)
-    head = tl.program_id(1)
-    batch = tl.program_id(2)
-    first_row = (batch * num_frames).to(tl.int64)  # row of this video's frame 0 in B*F
+    pid_t = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    first_row = (tl.program_id(2) * num_frames).to(tl.int64)  # row of this video's frame 0 in B*F
 
-    offs_f = tl.arange(0, BLOCK_F)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < num_tokens
-    mask_nd = mask_n[:, None] & (offs_d < head_dim)[None, :]  # (BLOCK_N, BLOCK_D)
-    # frame 0's key/value tiles; frame j is j * stride_kb (stride_vb) further on
-    k_tile = _frame_tile(k_ptr, first_row, head, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
-    v_tile = _frame_tile(v_ptr, first_row, head, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
+    mask_t = offs_t < n_tokens
+    mask = mask_t[:, None] & (offs_d < HEAD_DIM)[None, :]  # (BLOCK_T, BLOCK_D)
+    # frame 0's tiles; frame j's are j * *_step elements further on
+    q_tile, q_step = _frame_tile(q_ptr, first_row, head, offs_t, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, STRIDE_UNIT)
+    k_tile, k_step = _frame_tile(k_ptr, first_row, head, offs_t, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, STRIDE_UNIT)
+    v_tile, v_step = _frame_tile(v_ptr, first_row, head, offs_t, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, STRIDE_UNIT)
+    o_tile, o_step = _frame_tile(o_ptr, first_row, head, offs_t, offs_d, stride_ob, stride_oh, stride_on, stride_od, STRIDE_UNIT)
+    lse_row = lse_ptr + (first_row * n_heads + head) * n_tokens + offs_t  # frame i: + i * n_heads * n_tokens
 
-    for f_start in range(0, num_frames, BLOCK_F):
-        rows = first_row + f_start + offs_f  # (BLOCK_F,) rows of this chunk's query frames
-        mask_f = f_start + offs_f < num_frames
-        mask_fnd = mask_f[:, None, None] & mask_nd[None, :, :]  # (BLOCK_F, BLOCK_N, BLOCK_D)
-        q_slab = _frames_slab(q_ptr, rows, head, offs_n, offs_d, stride_qb, stride_qh, stride_qn, stride_qd)
-        q = tl.load(q_slab, mask=mask_fnd, other=0.0).to(tl.float32)
-
-        # -- online softmax over the key frames, for all query frames of the chunk at once --
-        # fp32 running max, sum and output whatever the input dtype. Padded query frames and
-        # tokens load zeros, score 0 and are never stored.
-        m = tl.full((BLOCK_F, BLOCK_N), float("-inf"), tl.float32)
-        l = tl.zeros((BLOCK_F, BLOCK_N), tl.float32)
-        acc = tl.zeros((BLOCK_F, BLOCK_N, BLOCK_D), tl.float32)
+    for i in range(0, num_frames):
+        q = tl.load(q_tile + i * q_step, mask=mask, other=0.0).to(tl.float32)
+        # -- online softmax over the key frames; fp32 running max, sum and output. Padded tokens
+        # load zeros, score 0 and are never stored --
+        m = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_T,), tl.float32)
+        acc = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
         for j in range(0, num_frames):
-            k = tl.load(k_tile + j * stride_kb, mask=mask_nd, other=0.0).to(tl.float32)
-            v = tl.load(v_tile + j * stride_vb, mask=mask_nd, other=0.0).to(tl.float32)
-            s = tl.sum(q * k[None, :, :], axis=2) * qk_scale  # (BLOCK_F, BLOCK_N), log2 units
+            k = tl.load(k_tile + j * k_step, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(v_tile + j * v_step, mask=mask, other=0.0).to(tl.float32)
+            s = tl.sum(q * k, axis=1) * qk_scale  # (BLOCK_T,), log2 units
             m_new = tl.maximum(m, s)
             alpha = tl.exp2(m - m_new)  # rescales what was accumulated under the old max
             p = tl.exp2(s - m_new)
             l = l * alpha + p
-            acc = acc * alpha[:, :, None] + p[:, :, None] * v[None, :, :]
+            acc = acc * alpha[:, None] + p[:, None] * v
             m = m_new
-
         # -- epilogue: normalise, store out and the LSE the backward recomputes P from --
-        o_slab = _frames_slab(o_ptr, rows, head, offs_n, offs_d, stride_ob, stride_oh, stride_on, stride_od)
-        tl.store(o_slab, (acc / l[:, :, None]).to(o_ptr.dtype.element_ty), mask=mask_fnd)
-        lse_rows = lse_ptr + rows[:, None] * stride_lb + head * stride_lh + offs_n[None, :] * stride_ln
-        tl.store(lse_rows, m + tl.log2(l), mask=mask_f[:, None] & mask_n[None, :])
+        tl.store(o_tile + i * o_step, (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=mask)
+        tl.store(lse_row + i * n_heads * n_tokens, m + tl.log2(l), mask=mask_t)
 
 
 @triton.jit
@@ -157,80 +157,89 @@ def _temporal_attn_bwd_kernel(
     v_ptr,  # (B*F, H, N, D)
     o_ptr,  # (B*F, H, N, D) forward output
     do_ptr,  # (B*F, H, N, D) gradient of the output
-    lse_ptr,  # (B*F, H, N) fp32, log2 units
+    lse_ptr,  # (B*F, H, N) fp32, contiguous, log2 units
+    delta_ptr,  # (B*F, H, N) fp32, contiguous: scratch, written and read back here
     dq_ptr,  # (B*F, H, N, D)
     dk_ptr,  # (B*F, H, N, D), same strides as dq
     dv_ptr,  # (B*F, H, N, D), same strides as dq
-    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_qb, stride_qh, stride_qn, stride_qd,  # b, h, n strides divided by STRIDE_UNIT
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_dob, stride_doh, stride_don, stride_dod,
-    stride_lb, stride_lh, stride_ln,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    num_frames, num_tokens, head_dim,
+    num_frames, n_heads, n_tokens,
     scale,  # softmax scale
     qk_scale,  # softmax scale * log2(e)
-    BLOCK_F: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    STRIDE_UNIT: tl.constexpr,
 ):
     """With P = softmax(scale * Q K^T) per token and dO the output gradient:
     dV_j = sum_i P_ij dO_i,  dP_ij = dO_i . V_j,  dS_ij = P_ij (dP_ij - delta_i) with
     delta_i = dO_i . O_i,  dQ_i = scale * sum_j dS_ij K_j,  dK_j = scale * sum_i dS_ij Q_i."""
-    tl.static_assert(BLOCK_D >= 16, "BLOCK_D: pad the head dim to at least 16 (GPU vector loads)")
-    tl.static_assert(BLOCK_F * BLOCK_N * BLOCK_D <= 2048, "larger fp32 slabs need > 100 registers/thread")
+    tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads the head dim: it must cover HEAD_DIM")
 
-    pid_n = tl.program_id(0)
-    head = tl.program_id(1)
-    batch = tl.program_id(2)
-    first_row = (batch * num_frames).to(tl.int64)
+    pid_t = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    first_row = (tl.program_id(2) * num_frames).to(tl.int64)
 
-    offs_f = tl.arange(0, BLOCK_F)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < num_tokens
-    mask_nd = mask_n[:, None] & (offs_d < head_dim)[None, :]  # (BLOCK_N, BLOCK_D)
-    k_tile = _frame_tile(k_ptr, first_row, head, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
-    v_tile = _frame_tile(v_ptr, first_row, head, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
+    mask_t = offs_t < n_tokens
+    mask = mask_t[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q_tile, q_step = _frame_tile(q_ptr, first_row, head, offs_t, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, STRIDE_UNIT)
+    k_tile, k_step = _frame_tile(k_ptr, first_row, head, offs_t, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, STRIDE_UNIT)
+    v_tile, v_step = _frame_tile(v_ptr, first_row, head, offs_t, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, STRIDE_UNIT)
+    o_tile, o_step = _frame_tile(o_ptr, first_row, head, offs_t, offs_d, stride_ob, stride_oh, stride_on, stride_od, STRIDE_UNIT)
+    do_tile, do_step = _frame_tile(do_ptr, first_row, head, offs_t, offs_d, stride_dob, stride_doh, stride_don, stride_dod, STRIDE_UNIT)
     # dk and dv share dq's strides (the launcher allocates all three alike)
-    dk_tile = _frame_tile(dk_ptr, first_row, head, offs_n, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd)
-    dv_tile = _frame_tile(dv_ptr, first_row, head, offs_n, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd)
+    dq_tile, dq_step = _frame_tile(dq_ptr, first_row, head, offs_t, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd, STRIDE_UNIT)
+    dk_tile, _ = _frame_tile(dk_ptr, first_row, head, offs_t, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd, STRIDE_UNIT)
+    dv_tile, _ = _frame_tile(dv_ptr, first_row, head, offs_t, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd, STRIDE_UNIT)
+    stat_offs = (first_row * n_heads + head) * n_tokens + offs_t  # frame i: + i * frame_stat_stride
+    frame_stat_stride = n_heads * n_tokens
 
-    for f_start in range(0, num_frames, BLOCK_F):
-        rows = first_row + f_start + offs_f
-        mask_f = f_start + offs_f < num_frames
-        mask_fnd = mask_f[:, None, None] & mask_nd[None, :, :]
-        q_slab = _frames_slab(q_ptr, rows, head, offs_n, offs_d, stride_qb, stride_qh, stride_qn, stride_qd)
-        o_slab = _frames_slab(o_ptr, rows, head, offs_n, offs_d, stride_ob, stride_oh, stride_on, stride_od)
-        do_slab = _frames_slab(do_ptr, rows, head, offs_n, offs_d, stride_dob, stride_doh, stride_don, stride_dod)
-        lse_rows = lse_ptr + rows[:, None] * stride_lb + head * stride_lh + offs_n[None, :] * stride_ln
-        q = tl.load(q_slab, mask=mask_fnd, other=0.0).to(tl.float32)
-        do = tl.load(do_slab, mask=mask_fnd, other=0.0).to(tl.float32)
-        o = tl.load(o_slab, mask=mask_fnd, other=0.0).to(tl.float32)
-        delta = tl.sum(do * o, axis=2)  # (BLOCK_F, BLOCK_N)
-        lse = tl.load(lse_rows, mask=mask_f[:, None] & mask_n[None, :], other=0.0)
-
-        # Padded query frames and tokens have q = do = o = lse = 0, so P = 1 there but dO = 0
-        # and dS = 1 * (0 - 0) = 0: they add nothing to dK_j, dV_j.
-        dq = tl.zeros((BLOCK_F, BLOCK_N, BLOCK_D), tl.float32)
+    # -- 1. per query frame i: delta_i, then dQ_i = scale * sum_j dS_ij K_j --
+    # Padded tokens have q = do = o = 0, so dS = 0 there; they are never stored.
+    for i in range(0, num_frames):
+        q = tl.load(q_tile + i * q_step, mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(do_tile + i * do_step, mask=mask, other=0.0).to(tl.float32)
+        o = tl.load(o_tile + i * o_step, mask=mask, other=0.0).to(tl.float32)
+        delta = tl.sum(do * o, axis=1)  # (BLOCK_T,)
+        tl.store(delta_ptr + stat_offs + i * frame_stat_stride, delta, mask=mask_t)
+        lse = tl.load(lse_ptr + stat_offs + i * frame_stat_stride, mask=mask_t, other=0.0)
+        dq = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
         for j in range(0, num_frames):
-            k = tl.load(k_tile + j * stride_kb, mask=mask_nd, other=0.0).to(tl.float32)
-            v = tl.load(v_tile + j * stride_vb, mask=mask_nd, other=0.0).to(tl.float32)
-            p = tl.exp2(tl.sum(q * k[None, :, :], axis=2) * qk_scale - lse)  # (BLOCK_F, BLOCK_N)
-            ds = p * (tl.sum(do * v[None, :, :], axis=2) - delta)
-            dv = tl.sum(p[:, :, None] * do, axis=0)  # (BLOCK_N, BLOCK_D)
-            dk = tl.sum(ds[:, :, None] * q, axis=0) * scale
-            dq += ds[:, :, None] * k[None, :, :]
-            # -- dK_j, dV_j: the first chunk stores, later chunks add to it (rows this program owns) --
-            if f_start > 0:
-                dv += tl.load(dv_tile + j * stride_dqb, mask=mask_nd, other=0.0).to(tl.float32)
-                dk += tl.load(dk_tile + j * stride_dqb, mask=mask_nd, other=0.0).to(tl.float32)
-            tl.store(dv_tile + j * stride_dqb, dv.to(dv_ptr.dtype.element_ty), mask=mask_nd)
-            tl.store(dk_tile + j * stride_dqb, dk.to(dk_ptr.dtype.element_ty), mask=mask_nd)
+            k = tl.load(k_tile + j * k_step, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(v_tile + j * v_step, mask=mask, other=0.0).to(tl.float32)
+            p = tl.exp2(tl.sum(q * k, axis=1) * qk_scale - lse)
+            ds = p * (tl.sum(do * v, axis=1) - delta)
+            dq += ds[:, None] * k
+        tl.store(dq_tile + i * dq_step, (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
 
-        dq_slab = _frames_slab(dq_ptr, rows, head, offs_n, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd)
-        tl.store(dq_slab, (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask_fnd)
+    # delta was stored by this program's threads in the layout of a (BLOCK_T,) reduction; the
+    # loads below may map its elements to other threads of the block
+    tl.debug_barrier()
+
+    # -- 2. per key frame j: dV_j = sum_i P_ij dO_i, dK_j = scale * sum_i dS_ij Q_i --
+    for j in range(0, num_frames):
+        k = tl.load(k_tile + j * k_step, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_tile + j * v_step, mask=mask, other=0.0).to(tl.float32)
+        dk = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
+        dv = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
+        for i in range(0, num_frames):
+            q = tl.load(q_tile + i * q_step, mask=mask, other=0.0).to(tl.float32)
+            do = tl.load(do_tile + i * do_step, mask=mask, other=0.0).to(tl.float32)
+            lse = tl.load(lse_ptr + stat_offs + i * frame_stat_stride, mask=mask_t, other=0.0)
+            delta = tl.load(delta_ptr + stat_offs + i * frame_stat_stride, mask=mask_t, other=0.0)
+            p = tl.exp2(tl.sum(q * k, axis=1) * qk_scale - lse)
+            ds = p * (tl.sum(do * v, axis=1) - delta)
+            dv += p[:, None] * do
+            dk += ds[:, None] * q
+        tl.store(dk_tile + j * dq_step, (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask)
+        tl.store(dv_tile + j * dq_step, dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
 # -- launch configuration -----------------------------------------------------------------------
@@ -238,80 +247,52 @@ def _temporal_attn_bwd_kernel(
 
 @dataclasses.dataclass(frozen=True)
 class TemporalAttnConfig:
-    """Block sizes and warps for one launch; a pure function of (num_frames, head_dim)."""
+    """Tile sizes and warps for one launch; a pure function of the head dim."""
 
-    BLOCK_F: int
-    BLOCK_N: int
-    BLOCK_D: int
+    BLOCK_T: int  # tokens per program
+    BLOCK_D: int  # head dim padded to a power of 2
     num_warps: int
 
-    @property
-    def constexprs(self) -> dict[str, int]:
-        return {"BLOCK_F": self.BLOCK_F, "BLOCK_N": self.BLOCK_N, "BLOCK_D": self.BLOCK_D}
+
+# fp32 elements of one (BLOCK_T, BLOCK_D) tile. The forward holds four tiles in registers (q,
+# acc, k, v), the backward six (q, do, dq, k, v, o; then k, v, dk, dv, q, do): at 4 warps a
+# 2048-element tile is 16 fp32 registers per thread per tile. Tokens need not fill a tl.dot
+# tile (no tl.dot here), so BLOCK_T goes down to 8 at BLOCK_D = 256.
+_TILE_ELEMENTS = 2048
+_NUM_WARPS = 4
 
 
-# fp32 elements per (BLOCK_F, BLOCK_N, BLOCK_D) register slab. The forward holds two slabs (q,
-# acc), the backward three (q, do, dq, plus o until delta is formed). Measured with ptxas -v on
-# sm_80/sm_90 at 8 warps, these budgets compile to 64-103 registers per thread with no spills;
-# doubling the forward's costs ~140 (half the resident warps), and 2-4 warps need 150-255 or spill.
-_SLAB_ELEMENTS = {"fwd": 2048, "bwd": 1024}
-_NUM_WARPS = 8
-
-
-def pick_config(num_frames: int, head_dim: int, backward: bool) -> TemporalAttnConfig:
+def pick_config(head_dim: int) -> TemporalAttnConfig:
     """The launch configuration for one call (no autotuning: the interpreter cannot autotune).
-
-    Query frames are padded to 8 or 16 (a chunk; more frames run as several chunks), the head
-    dim to the next power of 2, and BLOCK_N fills the slab budget.
-    """
-    budget = _SLAB_ELEMENTS["bwd" if backward else "fwd"]
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    max_block_f = max(8, min(MAX_BLOCK_F, budget // block_d))
-    block_f = min(max(triton.next_power_of_2(num_frames), 8), max_block_f)
-    block_n = max(budget // (block_f * block_d), 1)
-    return TemporalAttnConfig(block_f, block_n, block_d, _NUM_WARPS)
+    Any frame count runs in one program, so only the head dim matters."""
+    # head dims below 64 (40, test-sized models) share the 64 block, so that COMPILED_HEAD_DIMS
+    # reach every block width the launchers can pick: 40 -> 64, 80 -> 128, 160 -> 256
+    block_d = max(64, triton.next_power_of_2(head_dim))
+    return TemporalAttnConfig(_TILE_ELEMENTS // block_d, block_d, _NUM_WARPS)
 
 
-def launch_configs(
-    head_dims=(40, 64, 80, 160), max_frames: int = 2 * MAX_BLOCK_F
-) -> dict[str, list[TemporalAttnConfig]]:
-    """Every configuration the launchers can pick for these head dims and 1..max_frames frames.
-
-    Frames beyond 16 reuse the 16-frame chunk configurations, so the default covers every F.
-    Returns {"fwd": [...], "bwd": [...]} without duplicates; the GPU compile test compiles
-    exactly these.
-    """
-    configs = {"fwd": [], "bwd": []}
-    for name, backward in (("fwd", False), ("bwd", True)):
-        for head_dim in head_dims:
-            for frames in range(1, max_frames + 1):
-                config = pick_config(frames, head_dim, backward)
-                if config not in configs[name]:
-                    configs[name].append(config)
-    return configs
+def _launch(kernel, pointers, strided, scalars, num_frames: int) -> Launch:
+    """The launch both kernels share: grid (token tiles, heads, videos), the ``strided`` tensors'
+    strides divided by their common STRIDE_UNIT, then (num_frames, heads, tokens, *scalars)."""
+    rows, heads, tokens, head_dim = strided[0].shape
+    config = pick_config(head_dim)
+    unit = stride_unit(*strided)
+    return Launch(
+        kernel, (triton.cdiv(tokens, config.BLOCK_T), heads, rows // num_frames),
+        (*pointers, *unit_strides(unit, *strided), num_frames, heads, tokens, *scalars),
+        dict(HEAD_DIM=head_dim, BLOCK_T=config.BLOCK_T, BLOCK_D=config.BLOCK_D, STRIDE_UNIT=unit,
+             num_warps=config.num_warps),
+    )
 
 
 def _fwd_launch(q, k, v, out, lse, num_frames: int, scale: float) -> Launch:
-    rows, heads, tokens, head_dim = q.shape
-    config = pick_config(num_frames, head_dim, backward=False)
-    return Launch(
-        _temporal_attn_fwd_kernel, (triton.cdiv(tokens, config.BLOCK_N), heads, rows // num_frames),
-        (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-         num_frames, tokens, head_dim, scale * LOG2E.value),
-        dict(config.constexprs, num_warps=config.num_warps),
-    )
+    return _launch(_temporal_attn_fwd_kernel, (q, k, v, out, lse), (q, k, v, out), (scale * LOG2E.value,), num_frames)
 
 
-def _bwd_launch(q, k, v, out, lse, grad_out, dq, dk, dv, num_frames: int, scale: float) -> Launch:
-    rows, heads, tokens, head_dim = q.shape
-    config = pick_config(num_frames, head_dim, backward=True)
-    return Launch(
-        _temporal_attn_bwd_kernel, (triton.cdiv(tokens, config.BLOCK_N), heads, rows // num_frames),
-        (q, k, v, out, grad_out, lse, dq, dk, dv,
-         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *lse.stride(), *dq.stride(),
-         num_frames, tokens, head_dim, scale, scale * LOG2E.value),
-        dict(config.constexprs, num_warps=config.num_warps),
-    )
+def _bwd_launch(q, k, v, out, lse, delta, grad_out, dq, dk, dv, num_frames: int, scale: float) -> Launch:
+    # dk and dv are allocated like dq: the kernel takes dq's strides for all three
+    return _launch(_temporal_attn_bwd_kernel, (q, k, v, out, grad_out, lse, delta, dq, dk, dv),
+                   (q, k, v, out, grad_out, dq), (scale, scale * LOG2E.value), num_frames)
 
 
 # -- launchers ----------------------------------------------------------------------------------
@@ -336,67 +317,45 @@ def temporal_attn_fwd(q, k, v, num_frames: int, scale: float):
     return out, lse
 
 
-def temporal_attn_bwd(q, k, v, out, lse, grad_out, num_frames: int, scale: float):
+def temporal_attn_bwd(grad_out, q, k, v, out, lse, num_frames: int, scale: float):
     """Run the backward kernel.
 
     Args:
-        q, k, v, out, grad_out: (batch*frames, heads, tokens, head_dim), any strides, one dtype.
-        lse: (batch*frames, heads, tokens) fp32 from :func:`temporal_attn_fwd`.
+        grad_out: (batch*frames, heads, tokens, head_dim), gradient of ``out``, any strides.
+        q, k, v, out: as given to / returned by :func:`temporal_attn_fwd`, q's dtype.
+        lse: (batch*frames, heads, tokens) fp32 contiguous, from :func:`temporal_attn_fwd`.
 
     Returns:
         dq, dk, dv: (batch*frames, heads, tokens, head_dim), contiguous, q's dtype.
     """
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    delta = torch.empty_like(lse)
     if dq.numel():
-        _bwd_launch(q, k, v, out, lse, grad_out, dq, dk, dv, num_frames, scale)()
+        _bwd_launch(q, k, v, out, lse, delta, grad_out, dq, dk, dv, num_frames, scale)()
     return dq, dk, dv
 
 
-def gpu_launches(tokens: int = 4096) -> list[Launch]:
-    """Every configuration of :func:`launch_configs` in every dtype, launched as the model launches
-    it (q, k, v are (B*F, N, H, D) projections viewed as (B*F, H, N, D)), from meta tensors, for the
-    GPU compile check. The frame count is the smallest one that picks the configuration; head
-    dims 64, 80 and 160 reach every BLOCK_D (40 shares 64's, see :func:`launch_configs`)."""
+def gpu_launches(frames: int = 8, tokens: int = 4096) -> list[Launch]:
+    """Both kernels at every head dim of COMPILED_HEAD_DIMS (every BLOCK_D, and 40's 8-element
+    aligned rows) in every dtype, launched as the model launches them (q, k, v are (B*F, N, H, D)
+    projections viewed as (B*F, H, N, D)), from meta tensors, for the GPU compile check. The frame
+    count is a runtime loop bound, so one count covers every F."""
     launches = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for head_dim in (64, 80, 160):
-            seen = set()
-            for frames in range(1, 2 * MAX_BLOCK_F + 1):
-                configs = (pick_config(frames, head_dim, backward=False), pick_config(frames, head_dim, backward=True))
-                if configs in seen:
-                    continue
-                seen.add(configs)
-                heads = 5 if head_dim == 64 else 8
-                q, k, v, out, grad_out, dq, dk, dv = (
-                    torch.empty(frames, tokens, heads, head_dim, dtype=dtype, device="meta").transpose(1, 2)
-                    for _ in range(8)
-                )
-                lse = torch.empty(q.shape[:3], device="meta")
-                label = f"D{head_dim}-F{frames}-{str(dtype).removeprefix('torch.')}"
-                for launch in (_fwd_launch(q, k, v, out, lse, frames, 0.125),
-                               _bwd_launch(q, k, v, out, lse, grad_out, dq, dk, dv, frames, 0.125)):
-                    launch.label = label
-                    launches.append(launch)
+        for head_dim in COMPILED_HEAD_DIMS:
+            heads = 5 if head_dim == 64 else 8
+            q, k, v, out, grad_out, dq, dk, dv, lse, delta = attention_meta_inputs(
+                frames, tokens, heads, head_dim, dtype, count=8
+            )
+            label = f"D{head_dim}-F{frames}-{str(dtype).removeprefix('torch.')}"
+            for launch in (_fwd_launch(q, k, v, out, lse, frames, 0.125),
+                           _bwd_launch(q, k, v, out, lse, delta, grad_out, dq, dk, dv, frames, 0.125)):
+                launch.label = label
+                launches.append(launch)
     return launches
 
 
-# -- autograd -----------------------------------------------------------------------------------
-
-
-class TemporalAttnFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, num_frames: int, scale: float):
-        out, lse = temporal_attn_fwd(q, k, v, num_frames, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.num_frames, ctx.scale = num_frames, scale
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = temporal_attn_bwd(q, k, v, out, lse, grad_out, ctx.num_frames, ctx.scale)
-        return dq, dk, dv, None, None
+# -- entry point ------------------------------------------------------------------------------
 
 
 def temporal_attn_triton(q, k, v, num_frames: int, scale: float) -> torch.Tensor:
@@ -412,10 +371,5 @@ def temporal_attn_triton(q, k, v, num_frames: int, scale: float) -> torch.Tensor
     Returns:
         (batch*frames, heads, tokens, head_dim) in q's dtype.
     """
-    check_tensors("temporal_attention", q=q, k=k, v=v)
-    if q.shape[-1] > MAX_HEAD_DIM:
-        raise UserError(
-            f"temporal_attention: head_dim must be <= {MAX_HEAD_DIM} for backend='triton', got "
-            f"{q.shape[-1]}; use more heads or backend='torch'"
-        )
-    return TemporalAttnFunction.apply(q, k, v, num_frames, scale)
+    check_attention_inputs("temporal_attention", q, k, v, MAX_HEAD_DIM)
+    return FusedAttentionFunction.apply(temporal_attn_fwd, temporal_attn_bwd, q, k, v, num_frames, float(scale))
