@@ -51,9 +51,13 @@ def problems(result: dict, needs_mma: bool | None = None, needs_vector_loads: bo
 
 # What these checks found and is not fixed yet: (kernel name part, label prefix or "" for all,
 # dtype or "" for all, problem prefix). The test tolerates exactly these; the table marks them
-# "known gap". Empty: every kernel passes at every launch configuration (issue 10). An entry
-# added here needs a comment saying why it cannot be fixed yet.
-KNOWN_GAPS: tuple[tuple[str, str, str, str], ...] = ()
+# "known gap". An entry added here needs a comment saying why it cannot be fixed yet.
+KNOWN_GAPS: tuple[tuple[str, str, str, str], ...] = (
+    # conv_out's input gradient reduces over its 4 output channels per tap: 8 bytes a pixel in
+    # fp16/bf16, so there is no 16-byte run to vectorise (and 16 bytes in fp32 are one load per
+    # tap, outside any loop). It is ~1/200 of the UNet's conv FLOPs.
+    ("pseudo3d_conv_bwd_dx", "conv_out-C4", "", "no 128-bit global loads"),
+)
 
 
 def known_gap(result: dict, problem: str) -> bool:

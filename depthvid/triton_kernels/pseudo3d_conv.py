@@ -594,6 +594,7 @@ def gpu_launches() -> list[Launch]:
             dx = _bwd_dx_launch(video(), weight, video(), 1, 1, 2.0)
             dx.label = label
             launches += [plain, fused, dx]
+        launches += _edge_conv_launches(dtype)
         x = _empty_channels_last(1, 320, 8, 64, 64, like=torch.empty(0, dtype=dtype, device="meta"))
         stats = torch.empty(8, 320, device="meta")
         gamma = torch.empty(320, dtype=dtype, device="meta")
@@ -601,6 +602,32 @@ def gpu_launches() -> list[Launch]:
         group_norm.label = f"C320-G32-{str(dtype).removeprefix('torch.')}"
         launches.append(group_norm)
     return launches
+
+
+def _edge_conv_launches(dtype: torch.dtype) -> list[Launch]:
+    """The UNet's other conv shapes, each its own binary: the stride-2 downsampler (stride is a
+    constexpr only when it is 1), conv_in (latents + depth: 5 input channels) and conv_out (4 output
+    channels), at a 64x64 latent and 8 frames."""
+    def video(channels, size):
+        return _empty_channels_last(1, channels, 8, size, size, like=torch.empty(0, dtype=dtype, device="meta"))
+
+    def weight(c_out, c_in):
+        return gemm_weight(torch.empty(c_out, c_in, 3, 3, dtype=dtype, device="meta"))
+
+    name = str(dtype).removeprefix("torch.")
+    launches = {
+        f"C320-stride2-{name}": _fwd_launch(video(320, 64), weight(320, 320), None, None, None, None, None,
+                                            video(320, 32), 2, 1, 1.0),
+        f"C320-stride2-{name}-dx": _bwd_dx_launch(video(320, 32), weight(320, 320), video(320, 64), 2, 1, 1.0),
+        f"conv_in-C5-{name}": _fwd_launch(video(5, 64), weight(320, 5), None, None, None, None, None,
+                                          video(320, 64), 1, 1, 1.0),
+        f"conv_out-C4-{name}": _fwd_launch(video(320, 64), weight(4, 320), None, None, None, None, None,
+                                           video(4, 64), 1, 1, 1.0),
+        f"conv_out-C4-{name}-dx": _bwd_dx_launch(video(4, 64), weight(4, 320), video(320, 64), 1, 1, 1.0),
+    }
+    for label, launch in launches.items():
+        launch.label = label
+    return list(launches.values())
 
 
 # ----------------------------------------------------------------------------- autograd
