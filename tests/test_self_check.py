@@ -83,3 +83,21 @@ def test_doctor_reports_versions_backends_and_a_passing_self_check_per_op_and_dt
         for dtype in ("float32", "float16", "bfloat16")
     }
     assert all(verdict == "ok" for _, _, _, verdict, *_ in checks), out
+
+
+def test_first_use_inside_a_checkpointed_forward_leaves_checkpointing_intact(self_check_on):
+    """The first tuning step runs each op's self-check inside a gradient-checkpointed block. The
+    check's own autograd work must not be counted there: the recomputation (check already done)
+    would save fewer tensors and torch.utils.checkpoint would refuse the backward."""
+    q, k, v = (t.requires_grad_() for t in qkv())
+
+    def block(q, k, v):
+        return temporal_attention(q, k, v, 3, backend="triton") * 2
+
+    out = torch.utils.checkpoint.checkpoint(block, q, k, v, use_reentrant=False)
+    out.sum().backward()
+    checked = _backend._self_check_results[("temporal_attention", "triton", "cpu", torch.float32)]
+    assert checked is not None and checked.ok, checked
+    want = [torch.autograd.grad((temporal_attention(q, k, v, 3, backend="torch") * 2).sum(), t)[0] for t in (q, k, v)]
+    for got, expected in zip((q.grad, k.grad, v.grad), want):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -28,6 +28,7 @@ import contextvars
 import dataclasses
 import functools
 import os
+import threading
 import time
 import warnings
 from typing import Callable
@@ -195,7 +196,7 @@ def _passes_self_check(op: str, backend: str, device: torch.device, dtype: torch
     key = (op, backend, str(device), dtype)
     if key not in _self_check_results:
         _self_check_results[key] = None
-        result = run_self_check(op, backend, device, dtype)
+        result = _in_own_thread(run_self_check, op, backend, device, dtype)
         _self_check_results[key] = result
         if not result.ok:
             warnings.warn(
@@ -205,6 +206,28 @@ def _passes_self_check(op: str, backend: str, device: torch.device, dtype: torch
             )
     result = _self_check_results[key]
     return result is None or result.ok
+
+
+def _in_own_thread(function: Callable, *args):
+    """``function(*args)`` run in a new thread. Autograd's saved-tensor hooks, grad mode and
+    autocast are per thread, so a self-check run there leaves no trace in the caller's autograd
+    graph. Run in the caller's thread inside a gradient-checkpointed forward, the check's own
+    saved tensors were counted by torch.utils.checkpoint, whose recomputation (the check having
+    run) saved fewer: "A different number of tensors was saved" on the first tuning step."""
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = function(*args)
+        except BaseException as error:  # re-raised in the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name="depthvid-self-check")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def run_self_check(op: str, backend: str, device: torch.device | str, dtype: torch.dtype) -> SelfCheckResult:
