@@ -44,12 +44,15 @@ def _locate_cuda_home() -> None:
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
         return
     nvcc = shutil.which("nvcc")
-    candidates = [os.path.dirname(os.path.dirname(nvcc)), os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
-    candidates.append("/usr/local/cuda")
-    homes = [home for home in candidates if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))]
-    if homes and (not candidates or homes[0] != candidates[0]):
-        os.environ["CUDA_HOME"] = homes[0]
-        _say(f"CUDA_HOME={homes[0]} (nvcc on PATH is {nvcc}, whose parent folder has no CUDA headers)")
+    if nvcc is None:
+        return  # torch then tries /usr/local/cuda itself
+    torch_guess = os.path.dirname(os.path.dirname(nvcc))
+    for home in (torch_guess, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            if home != torch_guess:
+                os.environ["CUDA_HOME"] = home
+                _say(f"CUDA_HOME={home} (nvcc on PATH is {nvcc}, whose parent folder has no CUDA headers)")
+            return
 
 
 def _cuda_wanted(torch, cuda_home) -> bool:
