@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
@@ -30,6 +31,28 @@ def _flag(name: str) -> bool:
 
 def _say(message: str) -> None:
     print(f"depthvid setup: {message}", file=sys.stderr)
+
+
+def _locate_cuda_home() -> None:
+    """Set CUDA_HOME when torch's guess (the parent of nvcc's folder) holds no CUDA headers.
+
+    torch takes CUDA_HOME = dirname(dirname(which nvcc)); an nvcc on PATH that is a wrapper script
+    (/usr/local/bin/nvcc -> exec /usr/local/cuda-13.0/bin/nvcc, as on this project's machines)
+    makes that /usr/local, and every CUDA host file then fails on a missing cuda_runtime.h.
+    Must run before torch.utils.cpp_extension is imported (it reads CUDA_HOME once, at import).
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return  # torch then tries /usr/local/cuda itself
+    torch_guess = os.path.dirname(os.path.dirname(nvcc))
+    for home in (torch_guess, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            if home != torch_guess:
+                os.environ["CUDA_HOME"] = home
+                _say(f"CUDA_HOME={home} (nvcc on PATH is {nvcc}, whose parent folder has no CUDA headers)")
+            return
 
 
 def _cuda_wanted(torch, cuda_home) -> bool:
@@ -50,6 +73,7 @@ def extension_setup() -> dict:
     if _flag("DEPTHVID_SKIP_EXTENSION"):
         _say("DEPTHVID_SKIP_EXTENSION=1: not building depthvid._C")
         return {}
+    _locate_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

@@ -19,7 +19,20 @@ inline void check_video_attention(const char* op, const at::Tensor& q, const at:
               " must be >= 1 and divide q.size(0)=", q.size(0));
 }
 
-// The CPU attention kernels address rows through strides but need unit head_dim stride.
+// A further input of an op (grad_out, out, lse) on q's device: a CUDA kernel handed a host pointer
+// (or another GPU's) would fault or read garbage instead of raising.
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
+  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on q's device ", q.device(), ", got ", t.device());
+}
+
+// The backward's lse: the forward's (batch*frames, heads, tokens) log-sum-exp of q's rows.
+inline void check_lse(const char* op, const at::Tensor& lse, const at::Tensor& q) {
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}), op, ": lse must be (batch*frames, "
+              "heads, tokens) = (", q.size(0), ", ", q.size(1), ", ", q.size(2), "), got ", lse.sizes());
+  check_same_device(op, "lse", lse, q);
+}
+
+// The attention kernels address rows through strides but need unit head_dim stride.
 inline at::Tensor with_unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 }  // namespace depthvid

@@ -19,6 +19,7 @@
 
 #include <vector>
 
+#include "pseudo3d_conv_checks.h"
 #include "video_ops_math.h"
 
 namespace depthvid {
@@ -38,17 +39,6 @@ struct Video {
         stride_w(t.stride(4)) {}
   const scalar_t* plane(int64_t b, int64_t c, int64_t f) const { return data + b * stride_b + c * stride_c + f * stride_f; }
 };
-
-void check_group_norm(const char* op, const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
-                      const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 5, op, ": x must be (B, C, F, H, W), got ", x.sizes());
-  TORCH_CHECK(num_groups >= 1 && x.size(1) % num_groups == 0, op, ": num_groups=", num_groups,
-              " must divide the channels ", x.size(1));
-  for (const auto* param : {&weight, &bias}) {
-    TORCH_CHECK(!param->has_value() || ((*param)->dim() == 1 && (*param)->size(0) == x.size(1)), op,
-                ": GroupNorm weight and bias must be (C,) = (", x.size(1), ",)");
-  }
-}
 
 at::Tensor affine_or(const std::optional<at::Tensor>& param, int64_t channels, float fill) {
   return param.has_value() ? param->to(at::kFloat).contiguous() : at::full({channels}, fill, at::kFloat);
@@ -195,8 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_cpu(
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
   check_group_norm("group_norm_silu_bwd", x, num_groups, weight, bias);
   const int64_t batch = x.size(0), channels = x.size(1), frames = x.size(2);
-  TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({batch * frames, channels, x.size(3), x.size(4)}),
-              "group_norm_silu_bwd: grad must be (B*F, C, H, W), got ", grad_in.sizes());
+  check_group_norm_grad("group_norm_silu_bwd", grad_in, x, mean, rstd, num_groups);
   const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor dgamma_rows = at::empty({batch * frames, channels}, x.options().dtype(at::kFloat));
@@ -252,25 +241,12 @@ void conv_epilogue_kernel(const at::Tensor& conv, int64_t frames, const std::opt
 
 at::Tensor conv_epilogue_cpu(const at::Tensor& conv_in, int64_t num_frames, const std::optional<at::Tensor>& temb_in,
                              const std::optional<at::Tensor>& residual, double output_scale) {
-  TORCH_CHECK(conv_in.dim() == 4 && num_frames >= 1 && conv_in.size(0) % num_frames == 0,
-              "conv_epilogue: conv must be (B*F, C, H, W) with num_frames=", num_frames, " dividing B*F, got ",
-              conv_in.sizes());
+  check_conv_epilogue(conv_in, num_frames, temb_in, residual);
   const int64_t batch = conv_in.size(0) / num_frames, channels = conv_in.size(1);
   const std::vector<int64_t> video_shape = {batch, channels, num_frames, conv_in.size(2), conv_in.size(3)};
-  std::optional<at::Tensor> temb;
-  if (temb_in.has_value()) {
-    const bool ok = (temb_in->dim() == 2 && temb_in->sizes() == at::IntArrayRef({batch, channels})) ||
-                    (temb_in->dim() == 3 && temb_in->sizes() == at::IntArrayRef({batch, num_frames, channels}));
-    TORCH_CHECK(ok, "conv_epilogue: temb must be (B, C_out) or (B, F, C_out) = (", batch, ", ", num_frames, ", ",
-                channels, "), got ", temb_in->sizes());
-    temb = temb_in->to(conv_in.scalar_type()).contiguous();
-  }
-  std::optional<at::Tensor> res;
-  if (residual.has_value()) {
-    TORCH_CHECK(residual->sizes() == at::IntArrayRef(video_shape), "conv_epilogue: residual must be ",
-                at::IntArrayRef(video_shape), ", got ", residual->sizes());
-    res = residual->to(conv_in.scalar_type());
-  }
+  std::optional<at::Tensor> temb, res;
+  if (temb_in.has_value()) temb = temb_in->to(conv_in.scalar_type()).contiguous();
+  if (residual.has_value()) res = residual->to(conv_in.scalar_type());
   const at::Tensor conv = conv_in.contiguous();
   at::Tensor out = at::empty(video_shape, conv.options().memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, conv.scalar_type(), "conv_epilogue", [&] {

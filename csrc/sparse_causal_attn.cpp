@@ -155,8 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_causal_attn_bwd_cpu(
   const at::Tensor q = as_fp32_rows(q_in), k = as_fp32_rows(k_in), v = as_fp32_rows(v_in);
   const at::Tensor grad_out = as_fp32_rows(grad_out_in), out = as_fp32_rows(out_in);
   const int64_t rows = q.size(0), heads = q.size(1), tokens = q.size(2), head_dim = q.size(3);
-  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({rows, heads, tokens}), "sparse_causal_attn_bwd: lse must be (",
-              rows, ", ", heads, ", ", tokens, "), got ", lse_in.sizes());
+  check_lse("sparse_causal_attn_bwd", lse_in, q_in);
   const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
   const int64_t videos = rows / num_frames;
   const Rows Q(q), K(k), V(v), dO(grad_out);

@@ -167,9 +167,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> temporal_attn_bwd_cpu(const at::T
               "temporal_attn_bwd: grad_out must have q's shape and dtype");
   const at::Tensor q = with_unit_last_stride(q_in), k = with_unit_last_stride(k_in), v = with_unit_last_stride(v_in);
   const at::Tensor grad_out = with_unit_last_stride(grad_out_in);
+  check_lse("temporal_attn_bwd", lse_in, q_in);
   const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
-              "temporal_attn_bwd: lse must be (batch*frames, heads, tokens), got ", lse.sizes());
   const auto options = q.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor dq = at::empty(q.sizes(), options), dk = at::empty(q.sizes(), options), dv = at::empty(q.sizes(), options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "temporal_attn_bwd", [&] {

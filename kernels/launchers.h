@@ -1,8 +1,10 @@
 // Launchers of the CUDA kernels in kernels/*.cu: plain C++ signatures (raw pointers, sizes,
 // strides in elements, the stream as void*), so the host code in csrc/cuda/ includes no CUDA
 // headers from here and the .cu files include no torch headers (CI compiles them with plain nvcc).
-// Attention tensors are (batch*frames, heads, tokens, head_dim) with unit head_dim stride; lse and
-// delta are contiguous fp32 (batch*frames, heads, tokens). dtype: 0 = fp16, 1 = bf16.
+// Attention inputs are (batch*frames, heads, tokens, head_dim) with unit head_dim stride and any other
+// strides; outputs (out, dq, dk, dv) are contiguous, as the ops' fake kernels declare; lse and delta
+// are contiguous fp32 (batch*frames, heads, tokens). dtype: 0 = fp16, 1 = bf16.
+// The launchers do not check for launch errors: the caller does (C10_CUDA_KERNEL_LAUNCH_CHECK).
 #pragma once
 
 #include <cstdint>
@@ -23,6 +25,7 @@ struct AttentionStrides {  // in elements, for one (rows, heads, tokens) tensor 
 constexpr int64_t kMaxHeadDim = 160;
 constexpr int kMaxTemporalFrames = 32;
 
+// out: contiguous; q_strides address q only.
 void sparse_causal_attn_fwd(int dtype, const void* q, const void* k, const void* v, void* out, float* lse,
                             AttentionShape shape, AttentionStrides q_strides, AttentionStrides kv_strides,
                             void* stream);

@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // -- epilogue: O / sum, lse --
   if (q0 + r < tokens) {
     const float inv_sum = 1.0f / row_sum[r];
-    T* dst = out + row * q_strides.row + head * q_strides.head + (q0 + r) * q_strides.token;
+    T* dst = out + ((row * shape.heads + head) * shape.tokens + q0 + r) * shape.head_dim;  // out is contiguous
     for (int d = half; d < head_dim; d += 2) dst[d] = from_float<T>(o_tile[r * L::LDO + d] * inv_sum);
     if (half == 0) lse[(row * shape.heads + head) * shape.tokens + q0 + r] = online_softmax_lse({row_max[r], row_sum[r]});
   }

@@ -91,7 +91,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 #pragma unroll
       for (int i = 0; i < kPerLane; ++i) acc[i] += p * vg[i];
     }
-    const int64_t out_row = (video * frames + f) * q_strides.row + head * q_strides.head + token * q_strides.token;
+    // out is contiguous (q may be a strided view: its strides only address q)
+    const int64_t out_row = (((video * frames + f) * shape.heads + head) * shape.tokens + token) * shape.head_dim;
     store_row(out + out_row, acc, head_dim, lane, 1.0f / state.sum);
     if (lane == 0) lse[((video * frames + f) * shape.heads + head) * shape.tokens + token] = online_softmax_lse(state);
   }

@@ -1,5 +1,5 @@
-"""Shared by the depthvid._C tests: skip-if-unbuilt marker, the dtype-aware comparison and the
-attention ops' output-and-gradient check."""
+"""Shared by the depthvid._C tests (and tools/check_cuda_build.py): skip-if-unbuilt marker, the
+dtype-aware comparison, the attention ops' output-and-gradient check and the opcheck cases."""
 from __future__ import annotations
 
 import pytest
@@ -60,3 +60,33 @@ def check_attention(op, reference, q, k, v, grad_out, num_frames):
     if q.dtype != torch.float32:
         exact = attention_results(reference, *(t.double() for t in (q, k, v, grad_out)), num_frames)
     assert_close_to_torch(("out", "dq", "dk", "dv"), got, want, exact)
+
+
+def _requires_grad(*tensors):
+    return [t.requires_grad_() for t in tensors]
+
+
+def opcheck_cases():
+    """[(op overload, args)] covering every op of torch.ops.depthvid, CPU tensors."""
+    q, k, v = _requires_grad(*(torch.randn(6, 2, 9, 16) for _ in range(3)))
+    x = torch.randn(2, 4, 3, 5, 6, requires_grad=True)
+    norm_weight, norm_bias = _requires_grad(torch.rand(4) + 0.5, torch.randn(4))
+    conv = torch.randn(6, 3, 5, 6, requires_grad=True)
+    temb, residual = _requires_grad(torch.randn(2, 3, 3), torch.randn(2, 3, 3, 5, 6))
+    ops = torch.ops.depthvid
+    out, lse = ops.sparse_causal_attn_fwd(q, k, v, 3, 0.25)
+    t_out, t_lse = ops.temporal_attn_fwd(q, k, v, 3, 0.25)
+    h, mean, rstd = ops.group_norm_silu(x, 2, norm_weight, norm_bias, 1e-5)
+    detached = [t.detach() for t in (q, k, v, out, lse, t_lse, x, mean, rstd, h)]
+    dq, dk, dv, d_out, d_lse, d_tlse, dx, d_mean, d_rstd, dh = detached
+    return [
+        (ops.sparse_causal_attn_fwd.default, (q, k, v, 3, 0.25)),
+        (ops.sparse_causal_attn_bwd.default, (torch.randn(6, 2, 9, 16), dq, dk, dv, d_out, d_lse, 3, 0.25)),
+        (ops.temporal_attn_fwd.default, (q, k, v, 3, 0.25)),
+        (ops.temporal_attn_bwd.default, (torch.randn(6, 2, 9, 16), dq, dk, dv, d_tlse, 3, 0.25)),
+        (ops.group_norm_silu.default, (x, 2, norm_weight, norm_bias, 1e-5)),
+        (ops.group_norm_silu.default, (x, 2, None, None, 1e-5)),
+        (ops.group_norm_silu_bwd.default, (torch.randn_like(dh), dx, d_mean, d_rstd, 2, norm_weight.detach(), None)),
+        (ops.conv_epilogue.default, (conv, 3, temb, residual, 2.0)),
+        (ops.conv_epilogue.default, (conv, 3, None, None, 1.0)),
+    ]

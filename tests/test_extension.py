@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from _extension_checks import requires_extension
+from _extension_checks import opcheck_cases, requires_extension
 from test_inflate import make_inputs, randomize_temporal
 
 from depthvid import extension
@@ -42,35 +42,6 @@ def test_build_info_without_the_extension_says_what_to_do():
     assert result.returncode == 0, result.stderr
     (message,) = eval(result.stdout.strip().splitlines()[-1])
     assert "depthvid._C unavailable" in message and "--no-build-isolation" in message and "using 'torch'" in message
-
-
-def _requires_grad(*tensors):
-    return [t.requires_grad_() for t in tensors]
-
-
-def opcheck_cases():
-    q, k, v = _requires_grad(*(torch.randn(6, 2, 9, 16) for _ in range(3)))
-    x = torch.randn(2, 4, 3, 5, 6, requires_grad=True)
-    norm_weight, norm_bias = _requires_grad(torch.rand(4) + 0.5, torch.randn(4))
-    conv = torch.randn(6, 3, 5, 6, requires_grad=True)
-    temb, residual = _requires_grad(torch.randn(2, 3, 3), torch.randn(2, 3, 3, 5, 6))
-    ops = torch.ops.depthvid
-    out, lse = ops.sparse_causal_attn_fwd(q, k, v, 3, 0.25)
-    t_out, t_lse = ops.temporal_attn_fwd(q, k, v, 3, 0.25)
-    h, mean, rstd = ops.group_norm_silu(x, 2, norm_weight, norm_bias, 1e-5)
-    detached = [t.detach() for t in (q, k, v, out, lse, t_lse, x, mean, rstd, h)]
-    dq, dk, dv, d_out, d_lse, d_tlse, dx, d_mean, d_rstd, dh = detached
-    return [
-        (ops.sparse_causal_attn_fwd.default, (q, k, v, 3, 0.25)),
-        (ops.sparse_causal_attn_bwd.default, (torch.randn(6, 2, 9, 16), dq, dk, dv, d_out, d_lse, 3, 0.25)),
-        (ops.temporal_attn_fwd.default, (q, k, v, 3, 0.25)),
-        (ops.temporal_attn_bwd.default, (torch.randn(6, 2, 9, 16), dq, dk, dv, d_tlse, 3, 0.25)),
-        (ops.group_norm_silu.default, (x, 2, norm_weight, norm_bias, 1e-5)),
-        (ops.group_norm_silu.default, (x, 2, None, None, 1e-5)),
-        (ops.group_norm_silu_bwd.default, (torch.randn_like(dh), dx, d_mean, d_rstd, 2, norm_weight.detach(), None)),
-        (ops.conv_epilogue.default, (conv, 3, temb, residual, 2.0)),
-        (ops.conv_epilogue.default, (conv, 3, None, None, 1.0)),
-    ]
 
 
 @requires_extension

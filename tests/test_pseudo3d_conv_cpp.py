@@ -97,3 +97,8 @@ def test_bad_arguments_are_rejected_by_name():
         torch.ops.depthvid.conv_epilogue(conv, 2, torch.randn(1, 5), None, 1.0)
     with pytest.raises(RuntimeError, match="residual must be"):
         torch.ops.depthvid.conv_epilogue(conv, 2, None, torch.randn(1, 6, 2, 4, 5), 1.0)
+    h, mean, rstd = torch.ops.depthvid.group_norm_silu(x, 3, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="mean and rstd must be \\(B\\*F, num_groups\\) = \\(2, 3\\)"):
+        torch.ops.depthvid.group_norm_silu_bwd(h, x, mean[:1], rstd, 3, None, None)
+    with pytest.raises(RuntimeError, match="grad must be \\(B\\*F, C, H, W\\)"):
+        torch.ops.depthvid.group_norm_silu_bwd(h[:1], x, mean, rstd, 3, None, None)

@@ -75,3 +75,6 @@ def test_bad_arguments_are_rejected_by_name():
         torch.ops.depthvid.sparse_causal_attn_fwd(q, q[:, :1], q, 3, 0.25)
     with pytest.raises(RuntimeError, match="q, k, v must have the same dtype"):
         torch.ops.depthvid.sparse_causal_attn_fwd(q, q.double(), q, 3, 0.25)
+    out, lse = torch.ops.depthvid.sparse_causal_attn_fwd(q, q, q, 3, 0.25)
+    with pytest.raises(RuntimeError, match="lse must be \\(batch\\*frames, heads, tokens\\) = \\(6, 2, 8\\)"):
+        torch.ops.depthvid.sparse_causal_attn_bwd(q, q, q, q, out, lse[:, :1], 3, 0.25)

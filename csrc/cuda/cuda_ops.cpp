@@ -2,22 +2,31 @@
 // launchers of kernels/*.cu (which see no torch types). Built only for a CUDA build of depthvid._C.
 // The attention kernels take fp16/bf16 (tensor-core tiles); fp32 attention is rejected with a message
 // naming what to use. The prologue/epilogue take fp32, fp16 and bf16.
+// Every entry point: checks (shapes, dtypes, one device for all tensors: the kernels get raw
+// pointers), a device guard, outputs allocated contiguous (as the fake kernels declare), the launch
+// on the current stream of that device, then a launch-error check. Empty tensors launch nothing (a
+// zero-sized grid is a launch error).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "attention_checks.h"
 #include "launchers.h"
+#include "pseudo3d_conv_checks.h"
 
 namespace depthvid {
 namespace {
 
 cuda::AttentionStrides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
+// The current stream of the current device: call after the CUDAGuard has made the inputs' device current.
 void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 int attention_dtype(const char* op, const at::Tensor& q) {
@@ -46,31 +55,44 @@ std::tuple<at::Tensor, at::Tensor> sparse_causal_attn_fwd_cuda(const at::Tensor&
   const int dtype = attention_dtype("sparse_causal_attn_fwd", q_in);
   const at::Tensor q = with_unit_last_stride(q_in);
   auto [k, v] = same_layout(with_unit_last_stride(k_in), with_unit_last_stride(v_in));
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  const cuda::AttentionShape shape = attention_shape(q, num_frames, scale, "sparse_causal_attn_fwd");
+  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous, whatever q's strides
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
   cuda::sparse_causal_attn_fwd(dtype, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(),
-                               attention_shape(q, num_frames, scale, "sparse_causal_attn_fwd"), strides_of(q),
-                               strides_of(k), current_stream());
+                               shape, strides_of(q), strides_of(k), current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_causal_attn_bwd_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse, int64_t num_frames, double scale) {
-  check_video_attention("sparse_causal_attn_bwd", q_in, k_in, v_in, num_frames);
+  const char* op = "sparse_causal_attn_bwd";
+  check_video_attention(op, q_in, k_in, v_in, num_frames);
+  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(), op,
+              ": grad_out and out must have q's shape ", q_in.sizes(), ", got ", grad_out_in.sizes(), " and ",
+              out_in.sizes());
+  check_same_device(op, "grad_out", grad_out_in, q_in);
+  check_same_device(op, "out", out_in, q_in);
+  check_lse(op, lse, q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const int dtype = attention_dtype("sparse_causal_attn_bwd", q_in);
+  const int dtype = attention_dtype(op, q_in);
+  const cuda::AttentionShape shape = attention_shape(q_in, num_frames, scale, op);
   const at::Tensor q = with_unit_last_stride(q_in);
   auto [k, v] = same_layout(with_unit_last_stride(k_in), with_unit_last_stride(v_in));
-  auto [grad_out, out] = same_layout(with_unit_last_stride(grad_out_in.to(q.scalar_type())), with_unit_last_stride(out_in));
-  const at::Tensor lse_c = lse.contiguous();
+  // the kernels read grad_out and out as q's dtype, through one set of strides
+  auto [grad_out, out] = same_layout(with_unit_last_stride(grad_out_in.to(q.scalar_type())),
+                                     with_unit_last_stride(out_in.to(q.scalar_type())));
+  const at::Tensor lse_c = lse.to(at::kFloat).contiguous();
   at::Tensor delta = at::empty_like(lse_c);
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(q.sizes(), q.options()),
              dv = at::empty(q.sizes(), q.options());
+  if (q.numel() == 0) return {dq, dk, dv};
   cuda::sparse_causal_attn_bwd(dtype, grad_out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                                lse_c.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr(), dk.data_ptr(),
-                               dv.data_ptr(), attention_shape(q, num_frames, scale, "sparse_causal_attn_bwd"),
-                               strides_of(q), strides_of(k), strides_of(out), current_stream());
+                               dv.data_ptr(), shape, strides_of(q), strides_of(k), strides_of(out), current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dq, dk, dv};
 }
 
@@ -83,11 +105,13 @@ std::tuple<at::Tensor, at::Tensor> temporal_attn_fwd_cuda(const at::Tensor& q_in
   const int dtype = attention_dtype("temporal_attn_fwd", q_in);
   const at::Tensor q = with_unit_last_stride(q_in);
   auto [k, v] = same_layout(with_unit_last_stride(k_in), with_unit_last_stride(v_in));
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  const cuda::AttentionShape shape = attention_shape(q, num_frames, scale, "temporal_attn_fwd");
+  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous, whatever q's strides
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
   cuda::temporal_attn_fwd(dtype, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(),
-                          attention_shape(q, num_frames, scale, "temporal_attn_fwd"), strides_of(q), strides_of(k),
-                          current_stream());
+                          shape, strides_of(q), strides_of(k), current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
 }
 
@@ -95,18 +119,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> temporal_attn_bwd_cuda(const at::
                                                                       const at::Tensor& q_in, const at::Tensor& k_in,
                                                                       const at::Tensor& v_in, const at::Tensor& lse,
                                                                       int64_t num_frames, double scale) {
-  check_video_attention("temporal_attn_bwd", q_in, k_in, v_in, num_frames);
+  const char* op = "temporal_attn_bwd";
+  check_video_attention(op, q_in, k_in, v_in, num_frames);
+  // the kernel keeps one score per frame in registers (kMaxTemporalFrames of them)
+  TORCH_CHECK(num_frames <= cuda::kMaxTemporalFrames, op, ": at most ", cuda::kMaxTemporalFrames,
+              " frames on CUDA, got ", num_frames);
+  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes(), op, ": grad_out must have q's shape ", q_in.sizes(), ", got ",
+              grad_out_in.sizes());
+  check_same_device(op, "grad_out", grad_out_in, q_in);
+  check_lse(op, lse, q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const int dtype = attention_dtype("temporal_attn_bwd", q_in);
+  const int dtype = attention_dtype(op, q_in);
+  const cuda::AttentionShape shape = attention_shape(q_in, num_frames, scale, op);
   const at::Tensor q = with_unit_last_stride(q_in), grad_out = with_unit_last_stride(grad_out_in.to(q.scalar_type()));
   auto [k, v] = same_layout(with_unit_last_stride(k_in), with_unit_last_stride(v_in));
-  const at::Tensor lse_c = lse.contiguous();
+  const at::Tensor lse_c = lse.to(at::kFloat).contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(q.sizes(), q.options()),
              dv = at::empty(q.sizes(), q.options());
+  if (q.numel() == 0) return {dq, dk, dv};
   cuda::temporal_attn_bwd(dtype, grad_out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), lse_c.data_ptr<float>(),
-                          dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-                          attention_shape(q, num_frames, scale, "temporal_attn_bwd"), strides_of(q), strides_of(k),
+                          dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), shape, strides_of(q), strides_of(k),
                           strides_of(grad_out), current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dq, dk, dv};
 }
 
@@ -121,43 +155,50 @@ at::Tensor affine_or(const std::optional<at::Tensor>& param, const at::Tensor& x
   return param.has_value() ? param->to(at::kFloat).contiguous() : at::full({x.size(1)}, fill, x.options().dtype(at::kFloat));
 }
 
-void check_video(const char* op, const at::Tensor& x, int64_t num_groups) {
-  TORCH_CHECK(x.dim() == 5, op, ": x must be (B, C, F, H, W), got ", x.sizes());
+// the dtypes the CUDA prologue/epilogue kernels are built for (video_dtype's codes)
+void check_video_dtype(const char* op, const char* name, const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
-              ": x must be fp32, fp16 or bf16, got ", x.scalar_type());
-  TORCH_CHECK(num_groups >= 1 && x.size(1) % num_groups == 0, op, ": num_groups=", num_groups,
-              " must divide the channels ", x.size(1));
+              ": ", name, " must be fp32, fp16 or bf16 on CUDA, got ", x.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(const at::Tensor& x, int64_t num_groups,
                                                                     const std::optional<at::Tensor>& weight,
                                                                     const std::optional<at::Tensor>& bias, double eps) {
-  check_video("group_norm_silu", x, num_groups);
+  check_group_norm("group_norm_silu", x, num_groups, weight, bias);
+  check_video_dtype("group_norm_silu", "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({x.size(0) * x.size(2), x.size(1), x.size(3), x.size(4)}, x.options());
   at::Tensor mean = at::empty({x.size(0) * x.size(2), num_groups}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty_like(mean);
+  if (x.numel() == 0) return {out, mean, rstd};
   const at::Tensor gamma = affine_or(weight, x, 1.0f), beta = affine_or(bias, x, 0.0f);
   cuda::group_norm_silu_fwd(video_dtype(x), x.data_ptr(), video_shape(x), video_strides(x), static_cast<int>(num_groups),
                             gamma.data_ptr<float>(), beta.data_ptr<float>(), static_cast<float>(eps), out.data_ptr(),
                             mean.data_ptr<float>(), rstd.data_ptr<float>(), current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, mean, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_cuda(
     const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
-  check_video("group_norm_silu_bwd", x, num_groups);
+  check_group_norm("group_norm_silu_bwd", x, num_groups, weight, bias);
+  check_video_dtype("group_norm_silu_bwd", "x", x);
+  check_group_norm_grad("group_norm_silu_bwd", grad_in, x, mean, rstd, num_groups);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
+  const at::Tensor mean_c = mean.to(at::kFloat).contiguous(), rstd_c = rstd.to(at::kFloat).contiguous();
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor dgamma_rows = at::empty({x.size(0) * x.size(2), x.size(1)}, x.options().dtype(at::kFloat));
-  at::Tensor dbeta_rows = at::empty_like(dgamma_rows);
+  at::Tensor dgamma_rows = at::zeros({x.size(0) * x.size(2), x.size(1)}, x.options().dtype(at::kFloat));
+  at::Tensor dbeta_rows = at::zeros_like(dgamma_rows);
   const at::Tensor gamma = affine_or(weight, x, 1.0f), beta = affine_or(bias, x, 0.0f);
-  cuda::group_norm_silu_bwd(video_dtype(x), grad.data_ptr(), x.data_ptr(), video_shape(x), video_strides(x),
-                            static_cast<int>(num_groups), gamma.data_ptr<float>(), beta.data_ptr<float>(),
-                            mean.contiguous().data_ptr<float>(), rstd.contiguous().data_ptr<float>(), dx.data_ptr(),
-                            dgamma_rows.data_ptr<float>(), dbeta_rows.data_ptr<float>(), current_stream());
+  if (x.numel() > 0) {
+    cuda::group_norm_silu_bwd(video_dtype(x), grad.data_ptr(), x.data_ptr(), video_shape(x), video_strides(x),
+                              static_cast<int>(num_groups), gamma.data_ptr<float>(), beta.data_ptr<float>(),
+                              mean_c.data_ptr<float>(), rstd_c.data_ptr<float>(), dx.data_ptr(),
+                              dgamma_rows.data_ptr<float>(), dbeta_rows.data_ptr<float>(), current_stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   at::Tensor dweight = weight.has_value() ? dgamma_rows.sum(0).to(weight->scalar_type()) : at::empty({0}, x.options());
   at::Tensor dbias = bias.has_value() ? dbeta_rows.sum(0).to(bias->scalar_type()) : at::empty({0}, x.options());
   return {dx, dweight, dbias};
@@ -165,29 +206,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_cuda(
 
 at::Tensor conv_epilogue_cuda(const at::Tensor& conv_in, int64_t num_frames, const std::optional<at::Tensor>& temb,
                               const std::optional<at::Tensor>& residual, double output_scale) {
-  TORCH_CHECK(conv_in.dim() == 4 && num_frames >= 1 && conv_in.size(0) % num_frames == 0,
-              "conv_epilogue: conv must be (B*F, C, H, W) with num_frames=", num_frames, " dividing B*F, got ",
-              conv_in.sizes());
+  check_conv_epilogue(conv_in, num_frames, temb, residual);
+  check_video_dtype("conv_epilogue", "conv", conv_in);
   const c10::cuda::CUDAGuard guard(conv_in.device());
   const at::Tensor conv = conv_in.contiguous();
   const int64_t batch = conv.size(0) / num_frames;
   at::Tensor out = at::empty({batch, conv.size(1), num_frames, conv.size(2), conv.size(3)}, conv.options());
+  if (out.numel() == 0) return out;
   std::optional<at::Tensor> temb_c, res_c;
-  if (temb.has_value()) {
-    const bool ok = (temb->dim() == 2 && temb->sizes() == at::IntArrayRef({batch, conv.size(1)})) ||
-                    (temb->dim() == 3 && temb->sizes() == at::IntArrayRef({batch, num_frames, conv.size(1)}));
-    TORCH_CHECK(ok, "conv_epilogue: temb must be (B, C_out) or (B, F, C_out), got ", temb->sizes());
-    temb_c = temb->to(conv.scalar_type()).contiguous();
-  }
-  if (residual.has_value()) {
-    TORCH_CHECK(residual->sizes() == out.sizes(), "conv_epilogue: residual must be ", out.sizes(), ", got ",
-                residual->sizes());
-    res_c = residual->to(conv.scalar_type());
-  }
+  if (temb.has_value()) temb_c = temb->to(conv.scalar_type()).contiguous();
+  if (residual.has_value()) res_c = residual->to(conv.scalar_type());
   cuda::conv_epilogue(video_dtype(conv), conv.data_ptr(), video_shape(out), temb_c ? temb_c->data_ptr() : nullptr,
                       temb_c && temb_c->dim() == 3, res_c ? res_c->data_ptr() : nullptr,
                       res_c ? video_strides(*res_c) : cuda::VideoStrides{}, static_cast<float>(1.0 / output_scale),
                       out.data_ptr(), current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
