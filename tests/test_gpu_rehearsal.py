@@ -25,6 +25,7 @@ from PIL import Image
 from depthvid.assets import sample_clip_path
 from depthvid.cli import main
 from depthvid.models.video_unet import VideoUNet
+from depthvid.ops import _backend
 from depthvid.triton_kernels import _common
 
 pytestmark = pytest.mark.slow  # minutes: every UNet pass runs ~40 interpreted kernel launches
@@ -68,6 +69,10 @@ def rehearse(tiny_pipeline_dir, tmp_path_factory):
             return launch(self)
 
         with pytest.MonkeyPatch.context() as patch:
+            # as on a GPU: each op's first Triton use self-checks, here inside the first
+            # checkpointed UNet block (conftest.py turns the self-check off for the kernel tests)
+            patch.setenv("DEPTHVID_SELF_CHECK", "1")
+            _backend.reset_self_checks()
             patch.setattr(VideoUNet, "forward", spying_forward)
             patch.setattr(_common.Launch, "__call__", spying_launch)
             common = ["--device", "cpu", "--backend", backend, "--precision", precision, "--quiet"]
@@ -81,8 +86,9 @@ def rehearse(tiny_pipeline_dir, tmp_path_factory):
 
         with safe_open(str(root / "run" / "checkpoint.safetensors"), "pt") as handle:
             scaler = json.loads(handle.metadata()["scaler"])
+        self_checks = {key[0]: result.ok for key, result in _backend._self_check_results.items() if key[1] == backend}
         runs[backend, precision] = dict(losses=np.array([r["loss"] for r in log]), frames=read_frames(root / "edit"),
-                                        seen=seen, launches=launches, scaler=scaler)
+                                        seen=seen, launches=launches, scaler=scaler, self_checks=self_checks)
         return runs[backend, precision]
 
     return run
@@ -101,6 +107,8 @@ def test_the_run_is_the_cuda_configuration(rehearse, backend, precision):
                "_sparse_causal_attn_fwd_kernel", "_sparse_causal_attn_bwd_dq_kernel",
                "_sparse_causal_attn_bwd_dkdv_kernel", "_temporal_attn_fwd_kernel", "_temporal_attn_bwd_kernel"}
     assert run["launches"] == (kernels if backend == "triton" else set())
+    ops = {"sparse_causal_attention", "temporal_attention", "pseudo3d_conv"}
+    assert run["self_checks"] == ({op: True for op in ops} if backend == "triton" else {})
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
