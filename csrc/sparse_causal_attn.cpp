@@ -81,7 +81,6 @@ std::tuple<at::Tensor, at::Tensor> sparse_causal_attn_fwd_cpu(const at::Tensor& 
   const int64_t query_blocks = (tokens + kForwardBlockQ - 1) / kForwardBlockQ;
 
   at::parallel_for(0, rows * heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
-    const cpu::SingleThreadedBlas single_threaded_blas;
     std::vector<float> scores(kForwardBlockQ * kForwardBlockK);
     std::vector<float> acc(kForwardBlockQ * head_dim);
     std::vector<OnlineSoftmax> state(kForwardBlockQ);
@@ -178,7 +177,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_causal_attn_bwd_cpu(
   at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
     const int64_t thread = at::get_thread_num();
     TORCH_CHECK(thread < threads, "sparse_causal_attn_bwd: more threads than at::get_num_threads()");
-    const cpu::SingleThreadedBlas single_threaded_blas;
     std::vector<float> prob(kBackwardBlockQ * kBackwardBlockK), prob_grad(kBackwardBlockQ * kBackwardBlockK);
     for (int64_t task = begin; task < end; ++task) {
       const int frame = static_cast<int>(task % num_frames);
