@@ -112,36 +112,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   // dq, dk, dv are contiguous (batch*frames, heads, tokens, head_dim)
   const int64_t grad_first = ((video * frames * shape.heads + head) * shape.tokens + token) * shape.head_dim;
   const int64_t grad_step = shape.heads * shape.tokens * shape.head_dim;
-  // dK_g and dV_g accumulate over the query frames f: loop g outside, f inside (P recomputed per pair).
-  for (int g = 0; g < frames; ++g) {
-    float kg[kPerLane], vg[kPerLane], dk_acc[kPerLane] = {}, dv_acc[kPerLane] = {};
-    load_row(kg, k + kr.first + g * kr.frame_step, head_dim, lane);
-    load_row(vg, v + kr.first + g * kr.frame_step, head_dim, lane);
-    for (int f = 0; f < frames; ++f) {
-      float qf[kPerLane], dof[kPerLane];
-      load_row(qf, q + qr.first + f * qr.frame_step, head_dim, lane);
-      load_row(dof, grad_out + gr.first + f * gr.frame_step, head_dim, lane);
-      const float row_lse = lse[((video * frames + f) * shape.heads + head) * shape.tokens + token];
-      // delta_f = sum_h P[f,h] dP[f,h]
-      float delta = 0.0f;
-      for (int h = 0; h < frames; ++h) {
-        float kh[kPerLane], vh[kPerLane];
-        load_row(kh, k + kr.first + h * kr.frame_step, head_dim, lane);
-        load_row(vh, v + kr.first + h * kr.frame_step, head_dim, lane);
-        delta += softmax_prob(shape.scale * dot(qf, kh), row_lse) * dot(dof, vh);
-      }
-      const float p = softmax_prob(shape.scale * dot(qf, kg), row_lse);
-      const float ds = shape.scale * softmax_score_grad(p, dot(dof, vg), delta);
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) {
-        dv_acc[i] += p * dof[i];
-        dk_acc[i] += ds * qf[i];
-      }
-    }
-    store_row(dk + grad_first + g * grad_step, dk_acc, head_dim, lane, 1.0f);
-    store_row(dv + grad_first + g * grad_step, dv_acc, head_dim, lane, 1.0f);
-  }
-  // dQ_f = scale * sum_g dS[f,g] K_g
+  // dQ_f = scale * sum_g dS[f,g] K_g; keeps delta_f = sum_g P[f,g] dP[f,g] for dK/dV below
+  float deltas[kMaxTemporalFrames];
   for (int f = 0; f < frames; ++f) {
     float qf[kPerLane], dof[kPerLane], dq_acc[kPerLane] = {}, probs[kMaxTemporalFrames], prob_grads[kMaxTemporalFrames];
     load_row(qf, q + qr.first + f * qr.frame_step, head_dim, lane);
@@ -156,6 +128,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       prob_grads[g] = dot(dof, vg);
       delta += probs[g] * prob_grads[g];
     }
+    deltas[f] = delta;
     for (int g = 0; g < frames; ++g) {
       float kg[kPerLane];
       load_row(kg, k + kr.first + g * kr.frame_step, head_dim, lane);
@@ -164,6 +137,27 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       for (int i = 0; i < kPerLane; ++i) dq_acc[i] += ds * kg[i];
     }
     store_row(dq + grad_first + f * grad_step, dq_acc, head_dim, lane, 1.0f);
+  }
+  // dK_g and dV_g accumulate over the query frames f: loop g outside, f inside (P recomputed per pair).
+  for (int g = 0; g < frames; ++g) {
+    float kg[kPerLane], vg[kPerLane], dk_acc[kPerLane] = {}, dv_acc[kPerLane] = {};
+    load_row(kg, k + kr.first + g * kr.frame_step, head_dim, lane);
+    load_row(vg, v + kr.first + g * kr.frame_step, head_dim, lane);
+    for (int f = 0; f < frames; ++f) {
+      float qf[kPerLane], dof[kPerLane];
+      load_row(qf, q + qr.first + f * qr.frame_step, head_dim, lane);
+      load_row(dof, grad_out + gr.first + f * gr.frame_step, head_dim, lane);
+      const float row_lse = lse[((video * frames + f) * shape.heads + head) * shape.tokens + token];
+      const float p = softmax_prob(shape.scale * dot(qf, kg), row_lse);
+      const float ds = shape.scale * softmax_score_grad(p, dot(dof, vg), deltas[f]);
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        dv_acc[i] += p * dof[i];
+        dk_acc[i] += ds * qf[i];
+      }
+    }
+    store_row(dk + grad_first + g * grad_step, dk_acc, head_dim, lane, 1.0f);
+    store_row(dv + grad_first + g * grad_step, dv_acc, head_dim, lane, 1.0f);
   }
 }
 
