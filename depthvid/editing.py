@@ -161,8 +161,9 @@ def edit(
         video: the source clip when it moved since tuning (needed only with ``frames``).
         depth_video: a depth video replacing the estimated depth (near = bright).
         depth_scale, depth_shift: applied to the normalised depth: d * scale + shift.
-        backend: kernels of the video ops: "auto" (Triton on CUDA), "torch", "triton" (on CPU under
-            TRITON_INTERPRET=1 it rehearses the CUDA run, fp16 included) or "cpp".
+        backend: kernels of the video ops: "auto" (the fastest per op on CUDA, torch on CPU),
+            "torch", "triton" (on CPU under TRITON_INTERPRET=1 it rehearses the CUDA run, fp16
+            included) or "cpp".
         evaluate: score each output with the CLIP metrics and depth fidelity.
     """
     from depthvid.depth import depth_to_frames, estimate_depth, load_depth_video

@@ -44,6 +44,58 @@ def test_build_info_without_the_extension_says_what_to_do():
     assert "depthvid._C unavailable" in message and "--no-build-isolation" in message and "using 'torch'" in message
 
 
+@pytest.fixture
+def fake_cuda_build(monkeypatch):
+    """A CUDA build of depthvid._C as build_info reports it, Triton importable, and a maker of fake
+    CUDA tensors: the backend choice on CUDA, rehearsed without a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from depthvid.ops import _backend
+
+    monkeypatch.setattr(_backend, "cpp_available", lambda: True)
+    monkeypatch.setattr(extension, "build_info", lambda: {"built": True, "cuda": True})
+    monkeypatch.setattr(_backend, "triton_available", lambda: True)
+    _backend._warn_once.cache_clear()
+
+    def cuda_tensor(dtype):
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            return torch.empty(2, 3, device="cuda", dtype=dtype)
+
+    return cuda_tensor
+
+
+def test_cpp_on_cuda_follows_the_autocast_dtype_not_the_input_dtype(fake_cuda_build):
+    """Under fp16 autocast an op gets fp32 inputs (GroupNorm's output, the latents) and runs in
+    fp16, so the CUDA kernels apply; with autocast off fp32 has none and Triton runs instead. Seen
+    on an H100: `depthvid tune --backend cpp` fell back to Triton for every conv."""
+    from depthvid.ops import _backend
+
+    x = fake_cuda_build(torch.float32)
+    previous = torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)  # torch.autocast("cuda") turns itself off without a GPU
+    torch.set_autocast_dtype("cuda", torch.float16)
+    try:
+        assert _backend._available_backend("cpp", x) == "cpp"
+    finally:
+        torch.set_autocast_enabled("cuda", False)
+        torch.set_autocast_dtype("cuda", previous)
+    with pytest.warns(RuntimeWarning, match=r"no C\+\+/CUDA kernel for this device and dtype; using .triton."):
+        assert _backend._available_backend("cpp", x) == "triton"
+
+
+def test_auto_on_cuda_picks_the_measured_fastest_backend_per_op(fake_cuda_build):
+    from depthvid.ops import _backend
+
+    half, single = fake_cuda_build(torch.float16), fake_cuda_build(torch.float32)
+    assert _backend._available_backend(None, half, "sparse_causal_attention") == "triton"
+    assert _backend._available_backend(None, half, "temporal_attention") == "cpp"
+    assert _backend._available_backend(None, single, "temporal_attention") == "triton"  # no fp32 CUDA kernel
+    assert _backend._available_backend(None, half, "pseudo3d_conv") == "torch"
+    assert _backend._available_backend(None, torch.empty(2, dtype=torch.float16), "sparse_causal_attention") == "torch"
+    with use_backend("triton"):
+        assert _backend._available_backend(None, half, "pseudo3d_conv") == "triton"
+
+
 @requires_extension
 def test_opcheck_every_op():
     cases = opcheck_cases()

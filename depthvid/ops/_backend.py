@@ -1,8 +1,9 @@
 """The one place that decides which backend runs an op, and how a non-torch backend is called.
 
-``backend=None`` means: the backend set by :func:`use_backend` if any, else Triton for CUDA
-tensors (when triton imports), else the torch reference. An explicit backend that cannot run
-here falls back to the next one with a single warning, never a crash.
+``backend=None`` means: the backend set by :func:`use_backend` if any, else on CUDA the fastest
+backend for the op that runs there (:data:`CUDA_AUTO`, measured on an H100), else the torch
+reference. An explicit backend that cannot run here falls back to the next one with a single
+warning, never a crash.
 
 On CPU the default stays torch although depthvid._C runs there: at SD2-depth's first level
 (8 x 5 x 4096 x 64, fp32, forward + backward, 2 threads; benchmarks/README.md) its sparse-causal
@@ -66,7 +67,9 @@ def _cpp_runs_on(tensor: torch.Tensor) -> bool:
         return False
     if tensor.device.type == "cpu":
         return True
-    return tensor.is_cuda and extension.build_info()["cuda"] and tensor.dtype in (torch.float16, torch.bfloat16)
+    # compute_dtype, not tensor.dtype: under fp16 autocast an op gets fp32 inputs (GroupNorm's
+    # output, the latents) and casts them itself before the kernel runs
+    return tensor.is_cuda and extension.build_info()["cuda"] and compute_dtype(tensor) in (torch.float16, torch.bfloat16)
 
 
 @functools.cache
@@ -93,18 +96,40 @@ def use_backend(backend: str | None):
 def resolve_backend(backend: str | None, tensor: torch.Tensor, op: str | None = None) -> str:
     """Return the backend that will actually run ``op`` on ``tensor`` (torch when the chosen
     backend failed its self-check for this op, device and compute dtype)."""
-    backend = _available_backend(backend, tensor)
+    backend = _available_backend(backend, tensor, op)
     if backend != "torch" and op is not None and self_check_enabled():
         if not _passes_self_check(op, backend, tensor.device, compute_dtype(tensor)):
             return "torch"
     return backend
 
 
-def _available_backend(backend: str | None, tensor: torch.Tensor) -> str:
+# backend=None on CUDA, per op: the first that runs, from the op benchmarks on an H100 (fp16 and
+# bf16, SD2-depth's shapes at 8 x 512x512, forward + backward; benchmarks/README.md). Sparse-causal:
+# Triton takes 0.43-0.60x torch's time at levels 1-3 and 1.16-1.28x at level 0, so about 0.75x
+# summed over the UNet, at 0.2-0.4x the memory. Temporal: depthvid._C's CUDA kernel takes
+# 0.56-0.79x Triton's time at every level. Conv: cuDNN (torch) takes 0.3-0.8x Triton's time
+# everywhere, fused or not.
+CUDA_AUTO = {
+    "sparse_causal_attention": ("triton",),
+    "temporal_attention": ("cpp", "triton"),
+    "pseudo3d_conv": ("torch",),
+}
+
+
+def _auto_backend(tensor: torch.Tensor, op: str | None) -> str:
+    if not tensor.is_cuda:
+        return "torch"
+    for backend in CUDA_AUTO.get(op, ("triton",)):
+        if (backend == "cpp" and _cpp_runs_on(tensor)) or (backend == "triton" and triton_available()):
+            return backend
+    return "torch"
+
+
+def _available_backend(backend: str | None, tensor: torch.Tensor, op: str | None = None) -> str:
     if backend is None:
         backend = _default_backend.get()
     if backend is None:
-        return "triton" if tensor.is_cuda and triton_available() else "torch"
+        return _auto_backend(tensor, op)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS} or None")
     if backend == "cpp" and not _cpp_runs_on(tensor):
