@@ -110,7 +110,11 @@ def extension_setup() -> dict:
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")],
         define_macros=macros,
-        extra_link_args=["-fopenmp"],
+        # -lstdc++: the shared C++ runtime, as torch uses, even where the compiler links it
+        # statically (a g++ wrapper adding -static-libstdc++, as on the leased H100's image). With
+        # its own copy, an error the extension throws crashed the process there (segfault in
+        # every TORCH_CHECK) and garbled the message here; a wrapper rehearsed it on this machine.
+        extra_link_args=["-fopenmp", "-lstdc++"],
     )
     if with_cuda:
         nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "-Xptxas=-v", "-lineinfo"]

@@ -4,6 +4,7 @@ the torch backend's output and gradients with backend "cpp"."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -23,6 +24,22 @@ def test_the_install_built_the_extension_for_this_torch():
     assert info["built"], info["error"]
     assert info["error"] is None and info["torch"] == torch.__version__
     assert info["cuda"] == bool(info["cuda_archs"])
+
+
+@requires_extension
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf (binutils) is not installed")
+def test_the_extension_uses_the_shared_cxx_runtime_and_its_errors_arrive_whole():
+    """A statically linked libstdc++ (a g++ wrapper adding -static-libstdc++) gives the extension
+    its own C++ runtime: its TORCH_CHECK errors segfaulted on an H100 machine and came out cut
+    short here ("temporal_attn_fwd: num_frames="). setup.py links the shared one explicitly."""
+    from depthvid import _C
+
+    dynamic = subprocess.run(["readelf", "-d", _C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "[libstdc++.so.6]" in dynamic, dynamic
+    q = torch.randn(6, 2, 8, 16)
+    with pytest.raises(RuntimeError) as raised:
+        torch.ops.depthvid.temporal_attn_fwd(q, q, q, 4, 0.25)
+    assert str(raised.value).startswith("temporal_attn_fwd: num_frames=4 must be >= 1 and divide q.size(0)=6")
 
 
 def test_build_info_without_the_extension_says_what_to_do():

@@ -94,6 +94,9 @@ def check_shared_object(so: Path, archs: list[str]) -> None:
     demangled = subprocess.run(["c++filt"], input=nm, capture_output=True, text=True, check=True).stdout
     missing = [line.split(None, 1)[-1] for line in demangled.splitlines() if "depthvid" in line]
     report("no undefined depthvid symbols in the .so", not missing, "; ".join(missing[:5]))
+    dynamic = subprocess.run(["readelf", "-d", str(so)], capture_output=True, text=True).stdout
+    report("links the shared libstdc++, as torch does (errors crash across two C++ runtimes)",
+           "[libstdc++.so.6]" in dynamic)
     cubins = fatbin_cubin_archs(elf_section(so, ".nv_fatbin"))
     sources = len(list((ROOT / "kernels").glob("*.cu")))
     want = {sm_number(arch): sources for arch in archs}
