@@ -183,6 +183,36 @@ def test_inversion_error_of_the_tuned_model_shrinks_with_more_steps(tuned_run):
     assert errors[1] < 0.75 * errors[0], errors
 
 
+def test_sampling_one_video_per_unet_call_gives_the_batched_result(tuned_run):
+    """CPU samples each prompt's guided halves one video per UNet call (its memory peak); the
+    latents must be those of one batched call."""
+    from depthvid.loading import encode_prompts, load_base_model
+    from depthvid.models import inflate_unet, load_adapter
+
+    config, _ = tuning.read_run(tuned_run)
+    cache = load_file(str(tuned_run / "cache.safetensors"))
+    base = load_base_model(config.model)
+    video_unet = inflate_unet(base.unet).eval()
+    load_adapter(video_unet, tuned_run)
+    prompts, empty = encode_prompts(base, ["a red ball", "a blue box"]), encode_prompts(base, [""])
+    noise = torch.randn(cache["latents"].shape, generator=torch.Generator().manual_seed(0))
+    batches = []
+
+    def counting_unet(sample, timestep, embeds):
+        batches.append(sample.shape[0])
+        return video_unet(sample, timestep, embeds)
+
+    results = {}
+    for videos_per_call in (None, 1):
+        results[videos_per_call] = editing.ddim_sample(
+            counting_unet, base.scheduler.config, noise, cache["depth"], prompts, empty, 3, guidance=7.5,
+            progress=False, videos_per_call=videos_per_call)
+    assert batches == [4] * 3 + [1] * 12
+    torch.testing.assert_close(results[1], results[None], rtol=1e-4, atol=1e-5)
+    assert editing.default_videos_per_call(torch.device("cpu")) == 1
+    assert editing.default_videos_per_call(torch.device("cuda")) is None
+
+
 def test_resume_after_ctrl_c_ends_with_the_same_weights(tiny_pipeline_dir, tmp_path, monkeypatch):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert main(tune_args(tiny_pipeline_dir, straight, "--steps", "4", "--checkpoint-every", "10")) == 0
