@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from depthvid.editing import ddim_invert, ddim_sample
+from depthvid.editing import ddim_invert, ddim_sample, default_videos_per_call
 from depthvid.loading import decode_latents
 from depthvid.tuning import autocast
 from harness import (
@@ -87,7 +87,8 @@ def make_edit(inputs, prompts: torch.Tensor, inversion: torch.Tensor | None):
                 noise = ddim_invert(inputs.video_unet, inputs.scheduler_config, inputs.latents, inputs.depth,
                                     inputs.empty, EDIT_STEPS, progress=False)
             latents = ddim_sample(inputs.video_unet, inputs.scheduler_config, noise, inputs.depth, prompts,
-                                  inputs.empty, EDIT_STEPS, GUIDANCE, progress=False)
+                                  inputs.empty, EDIT_STEPS, GUIDANCE, progress=False,
+                                  videos_per_call=default_videos_per_call(DEVICE))
         return decode_latents(SimpleNamespace(vae=inputs.vae), latents)
 
     return edit
