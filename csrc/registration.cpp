@@ -14,6 +14,13 @@
 #ifndef DEPTHVID_WITH_CUDA
 #define DEPTHVID_WITH_CUDA 0
 #endif
+// at::parallel_for's `#pragma omp parallel` is inline header code compiled into our objects: without
+// -fopenmp (no _OPENMP) every CPU kernel runs on one thread, silently.
+#ifdef _OPENMP
+#define DEPTHVID_WITH_OPENMP 1
+#else
+#define DEPTHVID_WITH_OPENMP 0
+#endif
 
 TORCH_LIBRARY(depthvid, m) {
   // attention ops: q, k, v (batch*frames, heads, tokens, head_dim); lse (batch*frames, heads, tokens) fp32
@@ -43,7 +50,8 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   if (m == nullptr) return nullptr;
   if (PyModule_AddStringConstant(m, "torch_version", DEPTHVID_TORCH_VERSION) < 0 ||
       PyModule_AddStringConstant(m, "cuda_archs", DEPTHVID_CUDA_ARCHS) < 0 ||
-      PyModule_AddObject(m, "with_cuda", PyBool_FromLong(DEPTHVID_WITH_CUDA)) < 0) {
+      PyModule_AddObject(m, "with_cuda", PyBool_FromLong(DEPTHVID_WITH_CUDA)) < 0 ||
+      PyModule_AddObject(m, "with_openmp", PyBool_FromLong(DEPTHVID_WITH_OPENMP)) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -47,10 +47,12 @@ def _extension_status(device: torch.device) -> tuple[bool, str]:
     if not info.get("built"):
         return False, f"not built ({info.get('error') or 'no error recorded'})"
     archs = ", ".join(info.get("cuda_archs") or []) or "none"
-    described = f"built against torch {info.get('torch')}, CUDA {'yes' if info.get('cuda') else 'no'} (archs: {archs})"
+    described = (f"built against torch {info.get('torch')}, CUDA {'yes' if info.get('cuda') else 'no'} (archs: {archs}), "
+                 + ("CPU kernels on torch's threads" if info.get("openmp") else "CPU kernels on ONE thread (built without OpenMP)"))
+    probe = torch.empty(0, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        runs = _backend.resolve_backend("cpp", torch.empty(0, device=device)) == "cpp"
+        runs = _backend.resolve_backend("cpp", probe) == "cpp"  # CUDA kernels: fp16/bf16
     return runs, described + ("" if runs else f"; cannot run on {device.type} here")
 
 

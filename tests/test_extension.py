@@ -24,6 +24,7 @@ def test_the_install_built_the_extension_for_this_torch():
     assert info["built"], info["error"]
     assert info["error"] is None and info["torch"] == torch.__version__
     assert info["cuda"] == bool(info["cuda_archs"])
+    assert info["openmp"], "built without -fopenmp: every CPU kernel would run on one thread"
 
 
 @requires_extension

@@ -23,14 +23,16 @@ INSTALL_HINT = (
 
 
 def build_info() -> dict:
-    """What depthvid._C was built with: {"built", "cuda", "cuda_archs", "torch", "error"}."""
+    """What depthvid._C was built with: {"built", "cuda", "cuda_archs", "openmp", "torch", "error"}
+    (openmp: its CPU kernels run on torch's threads; without it, on one)."""
     if _C is None:
-        return {"built": False, "cuda": False, "cuda_archs": [], "torch": None, "error": _load_error}
+        return {"built": False, "cuda": False, "cuda_archs": [], "openmp": False, "torch": None, "error": _load_error}
     error = None
     if _C.torch_version != torch.__version__:
         error = f"depthvid._C was built for torch {_C.torch_version} but torch {torch.__version__} runs; rebuild it"
     archs = [arch for arch in _C.cuda_archs.replace(",", ";").split(";") if arch]
-    return {"built": True, "cuda": bool(_C.with_cuda), "cuda_archs": archs, "torch": _C.torch_version, "error": error}
+    return {"built": True, "cuda": bool(_C.with_cuda), "cuda_archs": archs, "openmp": bool(_C.with_openmp),
+            "torch": _C.torch_version, "error": error}
 
 
 def available() -> bool:
