@@ -7,9 +7,10 @@ warning, never a crash.
 
 On CPU the default stays torch although depthvid._C runs there: at SD2-depth's first level
 (8 x 5 x 4096 x 64, fp32, forward + backward, 2 threads; benchmarks/README.md) its sparse-causal
-kernel takes 0.94x the time of torch's two flash calls merged by log-sum-exp (0.54x the memory of
-Tune-A-Video's concatenated K/V), and its temporal kernel 0.71x at that level but 1.0x at 1024
-tokens: within the noise of a whole tuning step, where convs and GEMMs dominate. Pass ``backend="cpp"`` (or ``--backend cpp``) for the memory.
+kernel takes 0.94-1.02x the time of torch's two flash calls merged by log-sum-exp (0.54x the
+memory of Tune-A-Video's concatenated K/V), and its temporal kernel 0.71-0.88x at that level but
+1.0x at 1024 tokens: within the noise of a whole tuning step, where convs and GEMMs dominate.
+Pass ``backend="cpp"`` (or ``--backend cpp``) for the memory.
 
 Self-check: the first use of a non-torch backend for an (op, device, compute dtype) in a process
 runs that op on small random inputs with that backend and with the torch reference (output and
