@@ -3,6 +3,9 @@
 # appending its log to LOG_DIR/stages.log; prints one summary line per stage at the end. Made for short GPU
 # leases: put the stages that belong together in one call, and the slow ones last.
 #
+# Meant for a throwaway GPU machine: `build` pip-installs depthvid (not editable) into the Python it
+# runs and overwrites the checkout's depthvid/_C*.so.
+#
 # Usage: tools/gpu_session.sh LOG_DIR STAGE...
 #   build      pip-install depthvid (no deps) with depthvid._C's CUDA kernels; the .so is copied
 #              into the checkout (which python -m ... imports from the repo root) and into LOG_DIR.
