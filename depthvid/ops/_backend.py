@@ -106,9 +106,9 @@ def resolve_backend(backend: str | None, tensor: torch.Tensor, op: str | None = 
 
 # backend=None on CUDA, per op: the first that runs, from the op benchmarks on an H100 (fp16 and
 # bf16, SD2-depth's shapes at 8 x 512x512, forward + backward; benchmarks/README.md). Sparse-causal:
-# Triton takes 0.43-0.60x torch's time at levels 1-3 and 1.16-1.28x at level 0, so about 0.75x
-# summed over the UNet, at 0.2-0.4x the memory. Temporal: depthvid._C's CUDA kernel takes
-# 0.56-0.79x Triton's time at every level. Conv: cuDNN (torch) takes 0.3-0.8x Triton's time
+# Triton takes 0.40-0.62x torch's time at levels 1-3 and 1.16-1.28x at level 0, about 0.8x over
+# the UNet's 16 attention layers, at 0.2-0.4x the memory. Temporal: depthvid._C's CUDA kernel takes
+# 0.54-0.90x Triton's time at every level. Conv: cuDNN (torch) takes 0.3-0.8x Triton's time
 # everywhere, fused or not.
 CUDA_AUTO = {
     "sparse_causal_attention": ("triton",),
