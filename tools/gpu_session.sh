@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs depthvid's GPU checks on a CUDA machine, in stages, each under its own time limit, each
-# appending its log to LOG_DIR/stages.log; prints one summary line per stage at the end. Made for short GPU
-# leases: put the stages that belong together in one call, and the slow ones last.
+# appending its log to LOG_DIR/stages.log; prints one summary line per stage at the end. Made for
+# short GPU leases: put the stages that belong together in one call, and the slow ones last.
 #
 # Meant for a throwaway GPU machine: `build` pip-installs depthvid (not editable) into the Python it
 # runs and overwrites the checkout's depthvid/_C*.so.
@@ -20,8 +20,8 @@
 #              JSON per file into LOG_DIR
 #   tests      the test suite (or the files in $TESTS), with the GPU visible
 # Environment: TORCH_CUDA_ARCH_LIST (default: the visible GPU's arch), MAX_JOBS (default: nproc),
-#   FULL_STEPS (default 20), STAGE_LIMIT_S (default 540 per stage; LIMIT_<stage> for one stage), DEVICE (default cuda; cpu rehearses
-#   the tiny stage).
+#   FULL_STEPS (default 20), STAGE_LIMIT_S (default 540 per stage; LIMIT_<stage> for one stage),
+#   DEVICE (default cuda; cpu rehearses the tiny stage's plumbing with the torch backend).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 LOG_DIR="$(mkdir -p "$1" && cd "$1" && pwd)"
