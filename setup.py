@@ -95,10 +95,10 @@ def extension_setup() -> dict:
     # -fopenmp: at::parallel_for is inline header code whose `#pragma omp parallel` compiles into
     # our objects; without it every CPU kernel ran on one thread (measured: 2 threads no faster than
     # 1). The runtime is torch's own libgomp.so.1 (same soname, already loaded), not a second one.
-    # -march=native: the extension is
-    # always compiled on the machine that runs it (pip install from source). -fno-trapping-math (as
-    # torch's own build): without it GCC keeps the clamps in fast_exp as branches and the softmax
-    # loops stay scalar (measured: the CPU attention forward ran at half the speed of torch's).
+    # -march=native: the extension is always compiled on the machine that runs it (pip install from
+    # source). -fno-trapping-math (as torch's own build): without it GCC keeps the clamps in
+    # fast_exp as branches and the softmax loops stay scalar (measured: the CPU attention forward
+    # ran at half the speed of torch's).
     cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
     macros = [
         ("DEPTHVID_TORCH_VERSION", f'"{torch.__version__}"'),

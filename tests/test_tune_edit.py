@@ -183,7 +183,7 @@ def test_inversion_error_of_the_tuned_model_shrinks_with_more_steps(tuned_run):
     assert errors[1] < 0.75 * errors[0], errors
 
 
-def test_sampling_one_video_per_unet_call_gives_the_batched_result(tuned_run):
+def test_sampling_one_video_per_unet_call_gives_the_batched_result(tuned_run, monkeypatch):
     """CPU samples each prompt's guided halves one video per UNet call (its memory peak); the
     latents must be those of one batched call."""
     from depthvid.loading import encode_prompts, load_base_model
@@ -196,16 +196,11 @@ def test_sampling_one_video_per_unet_call_gives_the_batched_result(tuned_run):
     load_adapter(video_unet, tuned_run)
     prompts, empty = encode_prompts(base, ["a red ball", "a blue box"]), encode_prompts(base, [""])
     noise = torch.randn(cache["latents"].shape, generator=torch.Generator().manual_seed(0))
-    batches = []
-
-    def counting_unet(sample, timestep, embeds):
-        batches.append(sample.shape[0])
-        return video_unet(sample, timestep, embeds)
-
+    batches = count_unet_calls(monkeypatch)
     results = {}
     for videos_per_call in (None, 1):
         results[videos_per_call] = editing.ddim_sample(
-            counting_unet, base.scheduler.config, noise, cache["depth"], prompts, empty, 3, guidance=7.5,
+            video_unet, base.scheduler.config, noise, cache["depth"], prompts, empty, 3, guidance=7.5,
             progress=False, videos_per_call=videos_per_call)
     assert batches == [4] * 3 + [1] * 12
     torch.testing.assert_close(results[1], results[None], rtol=1e-4, atol=1e-5)

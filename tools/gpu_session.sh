@@ -40,14 +40,12 @@ stage_build() {
     if [ -n "$carried" ]; then
         echo "using the carried $carried: nothing compiled"
         DEPTHVID_SKIP_EXTENSION=1 "$PYTHON" -m pip install -q --no-build-isolation --no-deps . || return 1
-        installed=$(cd /tmp && "$PYTHON" -c "import depthvid, os; print(os.path.dirname(depthvid.__file__))")
-        cp "$carried" "$installed/"
     else
         DEPTHVID_FORCE_CUDA=1 "$PYTHON" -m pip install --no-build-isolation --no-deps -v . > "$LOG_DIR/build.log" 2>&1 \
             || { grep -E "error" "$LOG_DIR/build.log" | head -40; return 1; }
-        installed=$(cd /tmp && "$PYTHON" -c "import depthvid, os; print(os.path.dirname(depthvid.__file__))")
-        cp "$installed"/_C*.so "$LOG_DIR/"
     fi
+    installed=$(cd /tmp && "$PYTHON" -c "import depthvid, os; print(os.path.dirname(depthvid.__file__))")
+    if [ -n "$carried" ]; then cp "$carried" "$installed/"; else cp "$installed"/_C*.so "$LOG_DIR/"; fi
     cp "$installed"/_C*.so depthvid/  # the checkout's copy is what python -m pytest / -m depthvid import here
     "$PYTHON" -c "from depthvid import extension; info = extension.build_info(); print(info); assert info['cuda'], info"
 }
