@@ -9,6 +9,8 @@ peak RSS (VmHWM):
          noise-prediction + temporal loss, backward, AdamW step (latents, depth, text given)
   tune   `depthvid tune CLIP --model FULL --steps 1` with default options (the whole CLI)
   edit   `depthvid edit RUN --prompt A --prompt B --steps 2` on that run
+  flops  the model-only step's FLOPs, counted on the meta device (nothing allocated, seconds), and
+         this machine's best fp32 GEMM rate: their quotient is a lower bound on the step's time
 
 each for two formulations of the sparse-causal attention:
 
@@ -116,6 +118,61 @@ def model_step(model_dir: str, precision: str, checkpointing: str) -> dict:
             "loss": loss.item(), "checkpointing": use_checkpointing}
 
 
+def gemm_rate(size: int = 4096, repeats: int = 3) -> float:
+    """The best fp32 GFLOP/s of a size^3 torch.mm on this machine's threads (MKL on x86)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run warms up
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
+
+
+def step_flops(checkpointing: str = "on") -> dict:
+    """The model-only step's FLOPs (forward, recomputation, backward), counted on the meta device.
+
+    Attention is counted as its matmuls (forward 2, backward 4 per score block), so this is a
+    lower bound on the work a flash kernel does (it recomputes the scores in backward).
+    """
+    import torch
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from depthvid.models import inflate_unet, mark_trainable
+    from depthvid.testing import SD2_DEPTH_UNET_CONFIG, SD2_SCHEDULER_CONFIG
+    from depthvid.tuning import training_loss
+
+    with torch.device("meta"):
+        video_unet = inflate_unet(UNet2DConditionModel(**SD2_DEPTH_UNET_CONFIG))
+    mark_trainable(video_unet)
+    if checkpointing == "on":
+        video_unet.enable_gradient_checkpointing()
+    video_unet.train()
+    latent = SIZE // 8
+    batch = {
+        "latents": torch.empty(1, 4, FRAMES, latent, latent, device="meta"),
+        "depth": torch.empty(1, 1, FRAMES, latent, latent, device="meta"),
+        "prompt_embeds": torch.empty(1, 77, video_unet.config.cross_attention_dim, device="meta"),
+    }
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss, _, _ = training_loss(video_unet, DDIMScheduler(**SD2_SCHEDULER_CONFIG), batch,
+                                   torch.Generator().manual_seed(0), temporal_weight=0.01)
+        loss.backward()
+    by_op = {str(op): count / 1e12 for op, count in counter.get_flop_counts()["Global"].items()}
+    return {"tflop": counter.get_total_flops() / 1e12, "tflop_by_op": by_op, "checkpointing": checkpointing == "on"}
+
+
+def flops_bound(checkpointing: str) -> dict:
+    """step_flops with this machine's GEMM rate: the step's time if every FLOP ran at that rate."""
+    figures = step_flops(checkpointing)
+    rate = gemm_rate()
+    return {**figures, "gemm_gflops": rate, "bound_seconds": figures["tflop"] * 1e3 / rate}
+
+
 def cli(argv: list[str]) -> dict:
     from depthvid.cli import main
 
@@ -142,11 +199,15 @@ def measure(what: str, variant: str, model_dir: str, work_dir: str, precision: s
             write_video(make_sample_clip(FRAMES, SIZE, SIZE), clip, fps=8)
         result = cli(["tune", str(clip), "--prompt", "a red ball bounces past a pillar", "-o", str(run_dir),
                       "--model", model_dir, "--steps", "1", "--frames", str(FRAMES), "--quiet"])
+    elif what == "flops":
+        if variant == "cpp":
+            raise SystemExit("flops: depthvid._C's ops are opaque to the FLOP counter; count depthvid or concat")
+        result = flops_bound(checkpointing if checkpointing != "auto" else "on")
     elif what == "edit":
         result = cli(["edit", str(run_dir), "--prompt", "a blue ball", "--prompt", "a golden ball", "--steps", "2",
                       "-o", str(work / f"edit-{variant}.mp4"), "--quiet"])
     else:
-        raise SystemExit(f"what {what!r}: expected step, tune or edit")
+        raise SystemExit(f"what {what!r}: expected step, tune, edit or flops")
     return {"what": what, "variant": variant, **result, "peak_rss_gb": peak_rss_gb()}
 
 
@@ -160,7 +221,8 @@ def measure_in_subprocess(what, variant, model_dir, work_dir, precision="fp32", 
 
 
 def measure_all(model_dir: Path, whats: list[str], variants=VARIANTS, precision="fp32") -> list[dict]:
-    ensure_model(model_dir)
+    if set(whats) != {"flops"}:
+        ensure_model(model_dir)
     results = []
     with tempfile.TemporaryDirectory(prefix="depthvid-paper-scale-") as work:
         for variant in variants:  # one process at a time: the measurements are memory-bound
@@ -189,7 +251,7 @@ def test_paper_scale(benchmark):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=("all", "one"))
-    parser.add_argument("what", nargs="?", help="one: step, tune or edit")
+    parser.add_argument("what", nargs="?", help="one: step, tune, edit or flops")
     parser.add_argument("variant", nargs="?", default="depthvid", choices=VARIANTS)
     parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     parser.add_argument("--work", help="one: folder for the clip, run and edits")
@@ -204,8 +266,13 @@ def main() -> None:
     results = measure_all(Path(args.model), args.what.split(","), args.variants.split(","), args.precision)
     print("| measurement | formulation | wall s | CPU s | peak RSS (GiB) |\n|---|---|---|---|---|")
     for r in results:
-        figures = (f"{r['seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['peak_rss_gb']:.2f}" if "error" not in r
-                   else f"failed: {r['error']} | |")
+        if "error" in r:
+            figures = f"failed: {r['error']} | |"
+        elif r["what"] == "flops":
+            figures = (f">= {r['bound_seconds']:.0f} ({r['tflop']:.1f} TFLOP at {r['gemm_gflops']:.0f} GFLOP/s) | | "
+                       f"{r['peak_rss_gb']:.2f}")
+        else:
+            figures = f"{r['seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['peak_rss_gb']:.2f}"
         print(f"| {r['what']} | {r['variant']} | {figures} |")
 
 

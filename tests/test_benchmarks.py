@@ -75,3 +75,14 @@ def test_peak_memory_counts_live_tensors():
         return (b + 1).sum()  # b and b + 1: 8 MiB again, never 12
 
     assert peak_memory_bytes(two_alive_then_one) == pytest.approx(8 * 2**20, rel=1e-3)
+
+
+def test_paper_scale_flop_count_on_the_meta_device():
+    """bench_paper_scale's lower bound: the full-size step's FLOPs, counted without allocating."""
+    from bench_paper_scale import step_flops
+
+    with_checkpointing, without = step_flops("on"), step_flops("off")
+    assert 15 < without["tflop"] < with_checkpointing["tflop"] < 30, (without, with_checkpointing)
+    recomputed = with_checkpointing["tflop"] - without["tflop"]
+    forward = with_checkpointing["tflop_by_op"]["aten.convolution"] / 2  # convs run twice: forward, recompute
+    assert recomputed > forward, "checkpointing recomputes at least the convolutions' forward"

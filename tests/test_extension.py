@@ -115,6 +115,18 @@ def test_auto_on_cuda_picks_the_measured_fastest_backend_per_op(fake_cuda_build)
 
 
 @requires_extension
+def test_auto_on_cpu_takes_the_extension_only_where_the_cpu_benchmark_shows_it_wins(monkeypatch):
+    from depthvid.ops import _backend
+
+    x = torch.empty(2)
+    assert _backend._available_backend(None, x, "temporal_attention") == "cpp"
+    assert _backend._available_backend(None, x, "sparse_causal_attention") == "torch"
+    assert _backend._available_backend(None, x, "pseudo3d_conv") == "torch"
+    monkeypatch.setattr(_backend, "cpp_available", lambda: False)  # a machine where the build failed
+    assert _backend._available_backend(None, x, "temporal_attention") == "torch"
+
+
+@requires_extension
 def test_opcheck_every_op():
     cases = opcheck_cases()
     checked = {op.name() for op, _ in cases}

@@ -18,7 +18,7 @@ def check(q, k, v, grad_out, num_frames):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_frames", [1, 2, 3, 5], ids=["F1-one-frame", "F2", "F3", "F5"])
+@pytest.mark.parametrize("num_frames", [1, 2, 3, 5, 9], ids=["F1-one-frame", "F2", "F3", "F5", "F9-two-lane-groups"])
 @pytest.mark.parametrize("head_dim", [40, 64, 80, 160])
 def test_matches_torch(dtype, num_frames, head_dim):
     check(*random_tensors((2 * num_frames, 2, 19, head_dim), dtype), num_frames)  # 2 videos, 19 tokens

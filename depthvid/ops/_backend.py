@@ -1,16 +1,9 @@
 """The one place that decides which backend runs an op, and how a non-torch backend is called.
 
-``backend=None`` means: the backend set by :func:`use_backend` if any, else on CUDA the fastest
-backend for the op that runs there (:data:`CUDA_AUTO`, measured on an H100), else the torch
-reference. An explicit backend that cannot run here falls back to the next one with a single
-warning, never a crash.
-
-On CPU the default stays torch although depthvid._C runs there: at SD2-depth's first level
-(8 x 5 x 4096 x 64, fp32, forward + backward, 2 threads; benchmarks/README.md) its sparse-causal
-kernel takes 0.94-1.02x the time of torch's two flash calls merged by log-sum-exp (0.54x the
-memory of Tune-A-Video's concatenated K/V), and its temporal kernel 0.71-0.88x at that level but
-1.0x at 1024 tokens: within the noise of a whole tuning step, where convs and GEMMs dominate.
-Pass ``backend="cpp"`` (or ``--backend cpp``) for the memory.
+``backend=None`` means: the backend set by :func:`use_backend` if any, else the fastest backend
+for the op that runs on the tensor's device (:data:`CUDA_AUTO`, measured on an H100;
+:data:`CPU_AUTO`), else the torch reference. An explicit backend that cannot run here falls back
+to the next one with a single warning, never a crash.
 
 Self-check: the first use of a non-torch backend for an (op, device, compute dtype) in a process
 runs that op on small random inputs with that backend and with the torch reference (output and
@@ -117,7 +110,19 @@ CUDA_AUTO = {
 }
 
 
+# backend=None on CPU, per op, from benchmarks/bench_attention_cpp.py (fp32, forward + backward,
+# 2 threads; benchmarks/README.md). Temporal: depthvid._C takes 0.42-0.73x torch's transpose +
+# SDPA + transpose at 64-4096 tokens. Sparse-causal stays torch: depthvid._C takes 0.94-1.02x the
+# time of torch's two flash calls merged by log-sum-exp, both being MKL's sgemm (pass
+# backend="cpp" for its 0.54x memory). Conv stays torch: oneDNN.
+CPU_AUTO = {
+    "temporal_attention": ("cpp",),
+}
+
+
 def _auto_backend(tensor: torch.Tensor, op: str | None) -> str:
+    if tensor.device.type == "cpu":
+        return "cpp" if "cpp" in CPU_AUTO.get(op, ()) and _cpp_runs_on(tensor) else "torch"
     if not tensor.is_cuda:
         return "torch"
     for backend in CUDA_AUTO.get(op, ("triton",)):
