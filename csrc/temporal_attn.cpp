@@ -2,9 +2,9 @@
 // at each (video, head, token) the F frames' rows attend to each other. No transposes: for a run
 // of consecutive tokens a thread gathers each token's F strided rows of q, k, v into an fp32 tile
 // (rows zero-padded to a multiple of 8 lanes, F padded to a multiple of 8 rows), does the F x F
-// softmax in L1 and writes the F output rows back in place. Saves lse per row. The backward recomputes P = exp(S - lse)
-// from the same F x F scores; every gradient of a token belongs to its task, so nothing is shared
-// between threads.
+// softmax in L1 and writes the F output rows back in place. Saves lse per row. The backward
+// recomputes P = exp(S - lse) from the same F x F scores; every gradient of a token belongs to
+// its task, so nothing is shared between threads.
 //
 // The F x F x head_dim products are tiny, so their speed is register blocking: row_dots computes 8
 // dot products at once with 8 independent vector accumulators and combine_rows keeps 4 in flight
@@ -32,7 +32,7 @@ using cpu::load8;
 using cpu::store8;
 using cpu::vec8;
 
-constexpr int64_t kTokensPerTask = 16;  // amortises the task overhead; the tiles stay in L1
+constexpr int64_t kTokensPerTask = 16;  // a run: its tiles (<= 7 x 16 x F x head_dim fp32) stay in L2
 
 int64_t round_up_to_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
@@ -138,7 +138,9 @@ struct Tiles {
         rows(round_up_to_lanes(frames)),
         tile_size(rows * row_len),
         storage(tensors * kTokensPerTask * tile_size, 0.0f) {}
-  float* of(int64_t tensor, int64_t token = 0) { return storage.data() + (tensor * kTokensPerTask + token) * tile_size; }
+  float* of(int64_t tensor, int64_t token = 0) {
+    return storage.data() + (tensor * kTokensPerTask + token) * tile_size;
+  }
 };
 
 template <typename scalar_t>

@@ -49,7 +49,7 @@ def _tune_parser(subparsers) -> None:
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--backend", choices=("auto", "torch", "triton", "cpp"),
-                   help="kernels of the video ops (default auto: on CUDA the fastest per op, on CPU torch); triton on CPU needs TRITON_INTERPRET=1")
+                   help="kernels of the video ops (default auto: the fastest per op on this device); triton on CPU needs TRITON_INTERPRET=1")
     p.add_argument("--resume", action="store_true", default=False, help="continue the run in -o")
     p.add_argument("--quiet", action="store_true", default=False, help="no progress bars")
     p.set_defaults(command=run_tune, memory_hint=MEMORY_HINT)
@@ -95,7 +95,7 @@ def _edit_parser(subparsers) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", choices=("auto", "torch", "triton", "cpp"), default="auto",
-                   help="kernels of the video ops (default auto: on CUDA the fastest per op, on CPU torch); triton on CPU needs TRITON_INTERPRET=1")
+                   help="kernels of the video ops (default auto: the fastest per op on this device); triton on CPU needs TRITON_INTERPRET=1")
     p.add_argument("--eval", action="store_true", help="score the outputs (CLIP metrics, depth fidelity)")
     p.add_argument("--clip-model", help="CLIP model for --eval (hub id or folder)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -9,7 +9,7 @@ from depthvid.loading import DEFAULT_MODEL
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds up to here
-BACKENDS = ("auto", "torch", "triton", "cpp")  # auto: the fastest per op on CUDA (ops._backend.CUDA_AUTO), torch on CPU
+BACKENDS = ("auto", "torch", "triton", "cpp")  # auto: the fastest per op (ops._backend.CUDA_AUTO, CPU_AUTO)
 
 
 @dataclass
