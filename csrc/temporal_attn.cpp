@@ -36,10 +36,15 @@ constexpr int64_t kTokensPerTask = 16;  // a run: its tiles (<= 7 x 16 x F x hea
 
 int64_t round_up_to_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
-// A run of consecutive tokens of one (video, head): its tiles are gathered frame by frame, so each
-// frame's rows are read as one sequential stretch rather than F strided rows per token.
+// A run: consecutive tasks of one video along whichever of heads and tokens lies closer in memory
+// (tokens in a contiguous (batch*frames, heads, tokens, head_dim) tensor, heads in the processors'
+// (batch*frames, tokens, heads, head_dim) views). Its tiles are gathered frame by frame, so each
+// frame's rows are read as one sequential stretch rather than F strided rows per task.
 struct TokenRun {
-  int64_t video, head, token, count;
+  int64_t video, outer, inner, count;
+  bool heads_inner;
+  int64_t head(int64_t t) const { return heads_inner ? inner + t : outer; }
+  int64_t token(int64_t t) const { return heads_inner ? outer : inner + t; }
 };
 
 template <typename scalar_t>
@@ -57,7 +62,7 @@ struct FrameRows {  // the F rows of one (video, head, token) in a (batch*frames
               int64_t head_dim) const {
     for (int64_t f = 0; f < frames; ++f) {
       for (int64_t t = 0; t < run.count; ++t) {
-        const scalar_t* src = at(run.video * frames + f, run.head, run.token + t);
+        const scalar_t* src = at(run.video * frames + f, run.head(t), run.token(t));
         float* dst = tiles + t * tile_size + f * row_len;
 #pragma omp simd
         for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<float>(src[d]);
@@ -68,7 +73,7 @@ struct FrameRows {  // the F rows of one (video, head, token) in a (batch*frames
                int64_t head_dim) const {
     for (int64_t f = 0; f < frames; ++f) {
       for (int64_t t = 0; t < run.count; ++t) {
-        scalar_t* dst = at(run.video * frames + f, run.head, run.token + t);
+        scalar_t* dst = at(run.video * frames + f, run.head(t), run.token(t));
         const float* src = tiles + t * tile_size + f * row_len;
 #pragma omp simd
         for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<scalar_t>(src[d]);
@@ -77,14 +82,18 @@ struct FrameRows {  // the F rows of one (video, head, token) in a (batch*frames
   }
 };
 
-// Splits the task range [begin, end) of (video, head, token) tasks into runs of at most
-// kTokensPerTask tokens of one (video, head).
+// Splits the task range [begin, end) of (video, outer, inner) tasks into runs of at most
+// kTokensPerTask consecutive inner indices; inner is the head when q's heads are closer in memory
+// than its tokens.
 template <typename Body>
-void for_each_run(int64_t begin, int64_t end, int64_t heads, int64_t tokens, Body body) {
+void for_each_run(int64_t begin, int64_t end, const at::Tensor& q, Body body) {
+  const bool heads_inner = q.stride(1) < q.stride(2);
+  const int64_t heads = q.size(1), tokens = q.size(2);
+  const int64_t inner_size = heads_inner ? heads : tokens, outer_size = heads_inner ? tokens : heads;
   for (int64_t task = begin; task < end;) {
-    const int64_t token = task % tokens;
-    const TokenRun run{task / (tokens * heads), (task / tokens) % heads, token,
-                       std::min({end - task, tokens - token, kTokensPerTask})};
+    const int64_t inner = task % inner_size;
+    const TokenRun run{task / (inner_size * outer_size), (task / inner_size) % outer_size, inner,
+                       std::min({end - task, inner_size - inner, kTokensPerTask}), heads_inner};
     body(run);
     task += run.count;
   }
@@ -154,7 +163,7 @@ void temporal_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     Tiles tiles(4, frames, head_dim);
     const int64_t row_len = tiles.row_len, key_rows = tiles.rows, tile_size = tiles.tile_size;
     std::vector<float> prob(frames * key_rows);
-    for_each_run(begin, end, heads, tokens, [&](const TokenRun& run) {
+    for_each_run(begin, end, q, [&](const TokenRun& run) {
       Q.gather(tiles.of(kQ), tile_size, row_len, run, frames, head_dim);
       K.gather(tiles.of(kK), tile_size, row_len, run, frames, head_dim);
       V.gather(tiles.of(kV), tile_size, row_len, run, frames, head_dim);
@@ -177,7 +186,7 @@ void temporal_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           const float inv_sum = 1.0f / sum;
 #pragma omp simd
           for (int64_t g = 0; g < key_rows; ++g) p[g] *= inv_sum;
-          lse_data[((run.video * frames + f) * heads + run.head) * tokens + run.token + t] = online_softmax_lse(state);
+          lse_data[((run.video * frames + f) * heads + run.head(t)) * tokens + run.token(t)] = online_softmax_lse(state);
         }
         combine_rows(prob.data(), key_rows, 1, frames, frames, tiles.of(kV, t), row_len, tiles.of(kOut, t));  // P V
       }
@@ -197,7 +206,7 @@ void temporal_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
     Tiles tiles(7, frames, head_dim);
     const int64_t row_len = tiles.row_len, key_rows = tiles.rows, tile_size = tiles.tile_size;
     std::vector<float> prob(frames * key_rows), score_grad(frames * key_rows);
-    for_each_run(begin, end, heads, tokens, [&](const TokenRun& run) {
+    for_each_run(begin, end, q, [&](const TokenRun& run) {
       Q.gather(tiles.of(kQ), tile_size, row_len, run, frames, head_dim);
       K.gather(tiles.of(kK), tile_size, row_len, run, frames, head_dim);
       V.gather(tiles.of(kV), tile_size, row_len, run, frames, head_dim);
@@ -208,7 +217,7 @@ void temporal_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
         row_dots(dout, frames, tiles.of(kV, t), key_rows, row_len, score_grad.data());  // dP = dO V^T
         // -- P = exp(S - lse), dS = scale * P (dP - rowsum(P dP)); padding columns give 0 --
         for (int64_t f = 0; f < frames; ++f) {
-          const float row_lse = lse_data[((run.video * frames + f) * heads + run.head) * tokens + run.token + t];
+          const float row_lse = lse_data[((run.video * frames + f) * heads + run.head(t)) * tokens + run.token(t)];
           float *p = prob.data() + f * key_rows, *ds = score_grad.data() + f * key_rows;
           float delta = 0.0f;
 #pragma omp simd reduction(+ : delta)

@@ -110,9 +110,10 @@ CUDA_AUTO = {
 }
 
 
-# backend=None on CPU, per op, from benchmarks/bench_attention_cpp.py (fp32, forward + backward,
-# 2 threads; benchmarks/README.md). Temporal: depthvid._C takes 0.42-0.73x torch's transpose +
-# SDPA + transpose at 64-4096 tokens. Sparse-causal stays torch: depthvid._C takes 0.94-1.02x the
+# backend=None on CPU, per op, from the CPU benchmarks (fp32, 2 threads; benchmarks/README.md).
+# Temporal: depthvid._C takes 0.39-0.61x the time of torch's transpose + SDPA + transpose forward +
+# backward (0.21-0.37x forward) at every UNet level, in the layout the processors pass (8 x 512x512,
+# bench_temporal_attn.py). Sparse-causal stays torch: depthvid._C takes 0.94-1.02x the
 # time of torch's two flash calls merged by log-sum-exp, both being MKL's sgemm (pass
 # backend="cpp" for its 0.54x memory). Conv stays torch: with the GroupNorm+SiLU/temb/residual
 # fused, depthvid._C takes 0.93-1.00x torch's forward + backward at levels 0-2 but 1.26x at level 3
