@@ -1,6 +1,6 @@
 // Temporal attention on the CPU, on the native (batch*frames, heads, tokens, head_dim) layout:
 // at each (video, head, token) the F frames' rows attend to each other. No transposes: for a run
-// of consecutive tokens a thread gathers each token's F strided rows of q, k, v into an fp32 tile
+// of consecutive tasks a thread gathers each task's F strided rows of q, k, v into an fp32 tile
 // (rows zero-padded to a multiple of 8 lanes, F padded to a multiple of 8 rows), does the F x F
 // softmax in L1 and writes the F output rows back in place. Saves lse per row. The backward
 // recomputes P = exp(S - lse) from the same F x F scores; every gradient of a token belongs to
@@ -32,7 +32,7 @@ using cpu::load8;
 using cpu::store8;
 using cpu::vec8;
 
-constexpr int64_t kTokensPerTask = 16;  // a run: its tiles (<= 7 x 16 x F x head_dim fp32) stay in L2
+constexpr int64_t kTasksPerRun = 16;  // its tiles (<= 7 x 16 x F x head_dim fp32) stay in L2
 
 int64_t round_up_to_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
@@ -40,7 +40,7 @@ int64_t round_up_to_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes
 // (tokens in a contiguous (batch*frames, heads, tokens, head_dim) tensor, heads in the processors'
 // (batch*frames, tokens, heads, head_dim) views). Its tiles are gathered frame by frame, so each
 // frame's rows are read as one sequential stretch rather than F strided rows per task.
-struct TokenRun {
+struct TaskRun {
   int64_t video, outer, inner, count;
   bool heads_inner;
   int64_t head(int64_t t) const { return heads_inner ? inner + t : outer; }
@@ -56,9 +56,9 @@ struct FrameRows {  // the F rows of one (video, head, token) in a (batch*frames
   scalar_t* at(int64_t row, int64_t head, int64_t token) const {
     return data + row * stride_b + head * stride_h + token * stride_n;
   }
-  // token t's rows video*F .. video*F+F-1 -> tiles + t * tile_size, (F, row_len) fp32; lanes
+  // task t's rows video*F .. video*F+F-1 -> tiles + t * tile_size, (F, row_len) fp32; lanes
   // head_dim.. row_len keep their zeros
-  void gather(float* tiles, int64_t tile_size, int64_t row_len, const TokenRun& run, int64_t frames,
+  void gather(float* tiles, int64_t tile_size, int64_t row_len, const TaskRun& run, int64_t frames,
               int64_t head_dim) const {
     for (int64_t f = 0; f < frames; ++f) {
       for (int64_t t = 0; t < run.count; ++t) {
@@ -69,7 +69,7 @@ struct FrameRows {  // the F rows of one (video, head, token) in a (batch*frames
       }
     }
   }
-  void scatter(const float* tiles, int64_t tile_size, int64_t row_len, const TokenRun& run, int64_t frames,
+  void scatter(const float* tiles, int64_t tile_size, int64_t row_len, const TaskRun& run, int64_t frames,
                int64_t head_dim) const {
     for (int64_t f = 0; f < frames; ++f) {
       for (int64_t t = 0; t < run.count; ++t) {
@@ -83,7 +83,7 @@ struct FrameRows {  // the F rows of one (video, head, token) in a (batch*frames
 };
 
 // Splits the task range [begin, end) of (video, outer, inner) tasks into runs of at most
-// kTokensPerTask consecutive inner indices; inner is the head when q's heads are closer in memory
+// kTasksPerRun consecutive inner indices; inner is the head when q's heads are closer in memory
 // than its tokens.
 template <typename Body>
 void for_each_run(int64_t begin, int64_t end, const at::Tensor& q, Body body) {
@@ -92,8 +92,8 @@ void for_each_run(int64_t begin, int64_t end, const at::Tensor& q, Body body) {
   const int64_t inner_size = heads_inner ? heads : tokens, outer_size = heads_inner ? tokens : heads;
   for (int64_t task = begin; task < end;) {
     const int64_t inner = task % inner_size;
-    const TokenRun run{task / (inner_size * outer_size), (task / inner_size) % outer_size, inner,
-                       std::min({end - task, inner_size - inner, kTokensPerTask}), heads_inner};
+    const TaskRun run{task / (inner_size * outer_size), (task / inner_size) % outer_size, inner,
+                       std::min({end - task, inner_size - inner, kTasksPerRun}), heads_inner};
     body(run);
     task += run.count;
   }
@@ -137,7 +137,7 @@ void combine_rows(const float* coef, int64_t coef_row, int64_t coef_col, int64_t
   }
 }
 
-// The per-thread tiles of a run: for each tensor, kTokensPerTask tiles of (F, head_dim) in fp32,
+// The per-thread tiles of a run: for each tensor, kTasksPerRun tiles of (F, head_dim) in fp32,
 // both rounded up to 8 and zeroed once, so the padding rows and lanes stay zero.
 struct Tiles {
   int64_t row_len, rows, tile_size;
@@ -146,9 +146,9 @@ struct Tiles {
       : row_len(round_up_to_lanes(head_dim)),
         rows(round_up_to_lanes(frames)),
         tile_size(rows * row_len),
-        storage(tensors * kTokensPerTask * tile_size, 0.0f) {}
-  float* of(int64_t tensor, int64_t token = 0) {
-    return storage.data() + (tensor * kTokensPerTask + token) * tile_size;
+        storage(tensors * kTasksPerRun * tile_size, 0.0f) {}
+  float* of(int64_t tensor, int64_t task = 0) {
+    return storage.data() + (tensor * kTasksPerRun + task) * tile_size;
   }
 };
 
@@ -159,11 +159,11 @@ void temporal_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const FrameRows<scalar_t> Q(q), K(k), V(v), O(out);
   float* lse_data = lse.data_ptr<float>();
   enum { kQ, kK, kV, kOut };
-  at::parallel_for(0, rows / frames * heads * tokens, kTokensPerTask, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows / frames * heads * tokens, kTasksPerRun, [&](int64_t begin, int64_t end) {
     Tiles tiles(4, frames, head_dim);
     const int64_t row_len = tiles.row_len, key_rows = tiles.rows, tile_size = tiles.tile_size;
     std::vector<float> prob(frames * key_rows);
-    for_each_run(begin, end, q, [&](const TokenRun& run) {
+    for_each_run(begin, end, q, [&](const TaskRun& run) {
       Q.gather(tiles.of(kQ), tile_size, row_len, run, frames, head_dim);
       K.gather(tiles.of(kK), tile_size, row_len, run, frames, head_dim);
       V.gather(tiles.of(kV), tile_size, row_len, run, frames, head_dim);
@@ -202,11 +202,11 @@ void temporal_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
   const FrameRows<scalar_t> dO(grad_out), Q(q), K(k), V(v), dQ(dq), dK(dk), dV(dv);
   const float* lse_data = lse.data_ptr<float>();
   enum { kQ, kK, kV, kGradOut, kGradQ, kGradK, kGradV };
-  at::parallel_for(0, rows / frames * heads * tokens, kTokensPerTask, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows / frames * heads * tokens, kTasksPerRun, [&](int64_t begin, int64_t end) {
     Tiles tiles(7, frames, head_dim);
     const int64_t row_len = tiles.row_len, key_rows = tiles.rows, tile_size = tiles.tile_size;
     std::vector<float> prob(frames * key_rows), score_grad(frames * key_rows);
-    for_each_run(begin, end, q, [&](const TokenRun& run) {
+    for_each_run(begin, end, q, [&](const TaskRun& run) {
       Q.gather(tiles.of(kQ), tile_size, row_len, run, frames, head_dim);
       K.gather(tiles.of(kK), tile_size, row_len, run, frames, head_dim);
       V.gather(tiles.of(kV), tile_size, row_len, run, frames, head_dim);
