@@ -37,6 +37,7 @@ from pathlib import Path
 
 FRAMES, SIZE = 8, 512
 VARIANTS = ("depthvid", "cpp", "concat")
+CHECKPOINTING = ("selective", "full", "off")
 DEFAULT_MODEL_DIR = Path(".paper-scale/sd2-depth-full")
 
 
@@ -77,6 +78,15 @@ def ensure_model(model_dir: Path) -> Path:
     return model_dir
 
 
+def use_checkpoint(video_unet, checkpointing: str) -> None:
+    """checkpointing: selective (what `depthvid tune` picks when it fits), full (recompute every
+    op), or off."""
+    if checkpointing not in CHECKPOINTING:
+        raise SystemExit(f"checkpointing {checkpointing!r}: expected one of {CHECKPOINTING}")
+    if checkpointing != "off":
+        video_unet.enable_gradient_checkpointing(selective=checkpointing == "selective")
+
+
 def model_step(model_dir: str, precision: str, checkpointing: str) -> dict:
     """One tuning step of the inflated full-size UNet on given latents (no VAE, DPT, text encoder)."""
     import torch
@@ -93,9 +103,9 @@ def model_step(model_dir: str, precision: str, checkpointing: str) -> dict:
     video_unet = inflate_unet(unet)
     mark_trainable(video_unet)
     plan = tuning_plan(video_unet.config, frames=FRAMES, height=SIZE, width=SIZE)
-    use_checkpointing = plan.gradient_checkpointing if checkpointing == "auto" else checkpointing == "on"
-    if use_checkpointing:
-        video_unet.enable_gradient_checkpointing()
+    if checkpointing == "auto":
+        checkpointing = ("selective" if plan.selective else "full") if plan.gradient_checkpointing else "off"
+    use_checkpoint(video_unet, checkpointing)
     video_unet.train()
     params = [p for p in video_unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -115,7 +125,7 @@ def model_step(model_dir: str, precision: str, checkpointing: str) -> dict:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds() - cpu_started,
-            "loss": loss.item(), "checkpointing": use_checkpointing}
+            "loss": loss.item(), "checkpointing": checkpointing}
 
 
 def gemm_rate(size: int = 4096, repeats: int = 3) -> float:
@@ -131,11 +141,14 @@ def gemm_rate(size: int = 4096, repeats: int = 3) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def step_flops(checkpointing: str = "on") -> dict:
+def step_flops(checkpointing: str = "selective") -> dict:
     """The model-only step's FLOPs (forward, recomputation, backward), counted on the meta device.
 
     Attention is counted as its matmuls (forward 2, backward 4 per score block), so this is a
-    lower bound on the work a flash kernel does (it recomputes the scores in backward).
+    lower bound on the work a flash kernel does (it recomputes the scores in backward). On the meta
+    device attention runs as those matmuls, which selective checkpointing recomputes where it
+    would keep a flash kernel's output: its count is high by the attention's forward (1.74 TFLOP
+    at paper scale).
     """
     import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
@@ -148,8 +161,7 @@ def step_flops(checkpointing: str = "on") -> dict:
     with torch.device("meta"):
         video_unet = inflate_unet(UNet2DConditionModel(**SD2_DEPTH_UNET_CONFIG))
     mark_trainable(video_unet)
-    if checkpointing == "on":
-        video_unet.enable_gradient_checkpointing()
+    use_checkpoint(video_unet, checkpointing)
     video_unet.train()
     latent = SIZE // 8
     batch = {
@@ -163,7 +175,7 @@ def step_flops(checkpointing: str = "on") -> dict:
                                    torch.Generator().manual_seed(0), temporal_weight=0.01)
         loss.backward()
     by_op = {str(op): count / 1e12 for op, count in counter.get_flop_counts()["Global"].items()}
-    return {"tflop": counter.get_total_flops() / 1e12, "tflop_by_op": by_op, "checkpointing": checkpointing == "on"}
+    return {"tflop": counter.get_total_flops() / 1e12, "tflop_by_op": by_op, "checkpointing": checkpointing}
 
 
 def flops_bound(checkpointing: str) -> dict:
@@ -202,7 +214,7 @@ def measure(what: str, variant: str, model_dir: str, work_dir: str, precision: s
     elif what == "flops":
         if variant == "cpp":
             raise SystemExit("flops: depthvid._C's ops are opaque to the FLOP counter; count depthvid or concat")
-        result = flops_bound(checkpointing if checkpointing != "auto" else "on")
+        result = flops_bound(checkpointing if checkpointing != "auto" else "selective")
     elif what == "edit":
         result = cli(["edit", str(run_dir), "--prompt", "a blue ball", "--prompt", "a golden ball", "--steps", "2",
                       "-o", str(work / f"edit-{variant}.mp4"), "--quiet"])
@@ -258,7 +270,7 @@ def main() -> None:
     parser.add_argument("--what", default="step,tune,edit", help="all: comma-separated measurements")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    parser.add_argument("--checkpointing", default="auto", choices=("auto", "on", "off"))
+    parser.add_argument("--checkpointing", default="auto", choices=("auto", *CHECKPOINTING))
     args = parser.parse_args()
     if args.mode == "one":
         print(json.dumps(measure(args.what, args.variant, args.model, args.work, args.precision, args.checkpointing)))

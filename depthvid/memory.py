@@ -23,6 +23,12 @@ import torch
 # compute dtype: 1.165 GiB / (8 frames x 148,480 channel-pixels x 4 bytes) = 263 without
 # checkpointing; checkpointing keeps block inputs plus one block being recomputed
 SAVED_TENSORS_PER_CHANNEL_PIXEL = 263
+# what a checkpointed step keeps, as shares of that estimate (measured the same way): full
+# checkpointing 0.44 at 1/4 width (0.51 of 1.16 GiB) and 0.11 at paper scale, so the larger one;
+# the outputs selective checkpointing keeps besides (depthvid.models.recompute): 0.04 at paper
+# scale (0.69 GiB: 7.43 against 6.74 GiB peak), nothing at 1/4 width where no op is dear enough
+CHECKPOINTED_SHARE = 0.44
+KEPT_SHARE = 0.04
 # the share of the available memory a tuning step may plan to use (the rest: allocator slack,
 # the loaded modules' transients, the other processes' growth)
 MEMORY_HEADROOM = 0.75
@@ -61,6 +67,7 @@ def available_memory_bytes(device: torch.device | str = "cpu") -> int:
 @dataclass(frozen=True)
 class TuningPlan:
     gradient_checkpointing: bool
+    selective: bool  # checkpointing may keep the outputs that are dear to recompute
     activation_bytes: int  # estimated without checkpointing
     budget_bytes: int  # MEMORY_HEADROOM x the memory available when the plan was made
 
@@ -68,7 +75,8 @@ class TuningPlan:
 def tuning_plan(unet_config, frames: int, height: int, width: int, *, batch: int = 1,
                 dtype: torch.dtype = torch.float32, available_bytes: int | None = None,
                 device: torch.device | str = "cpu") -> TuningPlan:
-    """Checkpoint gradients exactly when a step without it would not fit in the available memory.
+    """Checkpoint gradients exactly when a step without it would not fit in the available memory,
+    selectively (keeping attention and 3x3 conv outputs) where that still fits.
 
     Args:
         unet_config: the (2D) UNet's config; only ``block_out_channels`` is read.
@@ -80,7 +88,9 @@ def tuning_plan(unet_config, frames: int, height: int, width: int, *, batch: int
         available_bytes = available_memory_bytes(device)
     needed = activation_bytes(unet_config, frames, height, width, batch=batch, dtype=dtype)
     budget = int(MEMORY_HEADROOM * available_bytes)
-    return TuningPlan(gradient_checkpointing=needed > budget, activation_bytes=needed, budget_bytes=budget)
+    return TuningPlan(gradient_checkpointing=needed > budget,
+                      selective=(CHECKPOINTED_SHARE + KEPT_SHARE) * needed <= budget,
+                      activation_bytes=needed, budget_bytes=budget)
 
 
 # glibc's mallopt parameter and the size from which every allocation gets its own mapping

@@ -333,18 +333,20 @@ def _tune(config: TuneConfig, run_dir: str | Path, *, resume: bool, progress: bo
         for param in video_unet.parameters():
             if not param.requires_grad:
                 param.data = param.data.to(dtype)
+    # from the work's size and the memory left with the model loaded; a rank holds at most the
+    # first window's frames; rank 0 decides for all (every rank must recompute, collectives
+    # included, or none)
+    plan = tuning_plan(base.unet.config, len(split.windows[0]), config.height, config.width, dtype=dtype,
+                       device=device)
     use_checkpointing = config.gradient_checkpointing
     if use_checkpointing is None and cuda_like and device.type == "cpu":
         use_checkpointing = True  # the rehearsal of the CUDA run checkpoints like a GPU at paper scale
-    if use_checkpointing is None:  # from the work's size and the memory left with the model loaded
-        # a rank holds at most the first window's frames; rank 0 decides for all (every rank must
-        # recompute, collectives included, or none)
-        frames_here = len(split.windows[0])
-        plan = tuning_plan(base.unet.config, frames_here, config.height, config.width, dtype=dtype, device=device)
-        use_checkpointing = split.broadcast(plan.gradient_checkpointing)
-    run["gradient_checkpointing"] = use_checkpointing
+    if use_checkpointing is None:
+        use_checkpointing = plan.gradient_checkpointing
+    use_checkpointing, selective = split.broadcast((use_checkpointing, plan.selective))
+    run["gradient_checkpointing"] = ("selective" if selective else "full") if use_checkpointing else "off"
     if use_checkpointing:
-        video_unet.enable_gradient_checkpointing()
+        video_unet.enable_gradient_checkpointing(selective=selective)
     video_unet.train()
     params = [p for p in video_unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)

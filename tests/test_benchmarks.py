@@ -81,8 +81,11 @@ def test_paper_scale_flop_count_on_the_meta_device():
     """bench_paper_scale's lower bound: the full-size step's FLOPs, counted without allocating."""
     from bench_paper_scale import step_flops
 
-    with_checkpointing, without = step_flops("on"), step_flops("off")
-    assert 15 < without["tflop"] < with_checkpointing["tflop"] < 30, (without, with_checkpointing)
-    recomputed = with_checkpointing["tflop"] - without["tflop"]
-    forward = with_checkpointing["tflop_by_op"]["aten.convolution"] / 2  # convs run twice: forward, recompute
+    full, selective, without = step_flops("full"), step_flops("selective"), step_flops("off")
+    assert 15 < without["tflop"] < selective["tflop"] < full["tflop"] < 30, (without, selective, full)
+    recomputed = full["tflop"] - without["tflop"]
+    forward = full["tflop_by_op"]["aten.convolution"] / 2  # convs run twice: forward, recompute
     assert recomputed > forward, "checkpointing recomputes at least the convolutions' forward"
+    # selective checkpointing keeps the 3x3 convs' outputs: only the 1x1 shortcuts run again
+    convs_rerun = selective["tflop_by_op"]["aten.convolution"] - without["tflop_by_op"]["aten.convolution"]
+    assert 0 < convs_rerun < 0.1 * forward, (selective, without)

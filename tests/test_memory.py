@@ -42,20 +42,23 @@ def test_activation_estimate_matches_the_measurements_it_came_from():
 
 
 @pytest.mark.parametrize(
-    "config, frames, size, available_gb, expected",
+    "config, frames, size, available_gb, checkpointing, selective",
     [
-        pytest.param(SD2_DEPTH_UNET_CONFIG, 8, 512, 20, True, id="paper-scale-on-24GB-machine"),
-        pytest.param(SD2_DEPTH_UNET_CONFIG, 8, 512, 60, False, id="paper-scale-on-64GB-machine"),
-        pytest.param(SD2_DEPTH_UNET_CONFIG, 24, 512, 60, True, id="24-frames-on-64GB-machine"),
-        pytest.param(SD2_DEPTH_UNET_CONFIG, 8, 256, 20, False, id="256px-on-24GB-machine"),
-        pytest.param(QUARTER_WIDTH, 8, 256, 1, True, id="small-model-on-1GB"),
-        pytest.param(tiny_unet_config(), 4, 64, 1, False, id="tiny"),
+        pytest.param(SD2_DEPTH_UNET_CONFIG, 8, 512, 20, True, True, id="paper-scale-on-24GB-machine"),
+        pytest.param(SD2_DEPTH_UNET_CONFIG, 8, 512, 10, True, False, id="paper-scale-on-16GB-machine"),
+        pytest.param(SD2_DEPTH_UNET_CONFIG, 8, 512, 60, False, True, id="paper-scale-on-64GB-machine"),
+        pytest.param(SD2_DEPTH_UNET_CONFIG, 24, 512, 60, True, True, id="24-frames-on-64GB-machine"),
+        pytest.param(SD2_DEPTH_UNET_CONFIG, 8, 256, 20, False, True, id="256px-on-24GB-machine"),
+        pytest.param(QUARTER_WIDTH, 8, 256, 1, True, True, id="small-model-on-1GB"),
+        pytest.param(QUARTER_WIDTH, 8, 256, 0.5, True, False, id="small-model-on-0.5GB"),
+        pytest.param(tiny_unet_config(), 4, 64, 1, False, True, id="tiny"),
     ],
 )
-def test_checkpointing_follows_work_size_and_memory(config, frames, size, available_gb, expected):
-    plan = tuning_plan(config, frames, size, size, available_bytes=available_gb * GB)
-    assert plan.gradient_checkpointing is expected
+def test_checkpointing_follows_work_size_and_memory(config, frames, size, available_gb, checkpointing, selective):
+    plan = tuning_plan(config, frames, size, size, available_bytes=int(available_gb * GB))
+    assert plan.gradient_checkpointing is checkpointing
     assert plan.gradient_checkpointing == (plan.activation_bytes > plan.budget_bytes)
+    assert plan.selective is selective
 
 
 def test_available_memory_is_measured():

@@ -14,6 +14,7 @@ from torch import nn
 
 from depthvid.errors import UserError
 from depthvid.models.attention import PerFrameAttnProcessor, SparseCausalAttnProcessor, VideoTransformerBlock
+from depthvid.models.recompute import selective_checkpoint
 from depthvid.ops import GroupNormSiLU, pseudo3d_conv
 from depthvid.ops.pseudo3d_conv import fold_frames, unfold_frames
 
@@ -152,13 +153,15 @@ class VideoUNet(nn.Module):
     def device(self) -> torch.device:
         return self.unet.device
 
-    def enable_gradient_checkpointing(self) -> None:
+    def enable_gradient_checkpointing(self, selective: bool = True) -> None:
         """Recompute activations in backward (diffusers' own checkpointing of the inner UNet).
 
         Each ``VideoTransformerBlock`` sits in its ``Transformer2DModel``'s block list, so its
-        temporal attention is inside the checkpointed region with the spatial block.
+        temporal attention is inside the checkpointed region with the spatial block. ``selective``
+        keeps the outputs of attention and 3x3 convs (:mod:`depthvid.models.recompute`); False
+        recomputes everything.
         """
-        self.unet.enable_gradient_checkpointing()
+        self.unet.enable_gradient_checkpointing(selective_checkpoint if selective else None)
 
     def disable_gradient_checkpointing(self) -> None:
         self.unet.disable_gradient_checkpointing()
