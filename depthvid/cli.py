@@ -44,7 +44,8 @@ def _tune_parser(subparsers) -> None:
     p.add_argument("--temporal-loss-weight", type=float, help="lambda of the temporal loss (default 0.01)")
     p.add_argument("--depth-normalize", choices=("clip", "frame"), help="depth min/max over the clip (default) or per frame")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), help="autocast dtype (default auto)")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="default: on when a step without it would not fit in the memory available")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="default: on when a step without it would not fit in the memory available; "
+                   "it keeps the attention and wide convs' outputs where that fits")
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
