@@ -48,9 +48,17 @@ def test_what_is_kept_is_what_costs_the_most_to_recompute_per_element(op, args, 
     assert keep_dear_outputs(None, op, *args) == expected
 
 
-@requires_extension
-def test_the_extensions_sparse_causal_attention_counts_both_key_frames():
-    op = torch.ops.depthvid.sparse_causal_attn_fwd.default
+def sparse_causal_op(backend):
+    if backend == "cpp":
+        return torch.ops.depthvid.sparse_causal_attn_fwd.default
+    import depthvid.triton_kernels.sparse_causal_attn  # noqa: F401  (registers the op)
+
+    return torch.ops.depthvid_triton.sparse_causal_attn_fwd.default
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_extension), "triton"])
+def test_the_sparse_causal_ops_count_both_key_frames(backend):
+    op = sparse_causal_op(backend)
     q, k, v = attention_args(4096, 4096)
     assert recompute_flops_per_element(op, (q, k, v, 8, 0.125)) == 4 * 2 * 4096
     assert keep_dear_outputs(None, op, q, k, v, 8, 0.125) == CheckpointPolicy.MUST_SAVE
@@ -110,3 +118,38 @@ def test_selective_checkpointing_gives_the_gradients_of_no_checkpointing_without
     for name, grad in grads_plain.items():
         assert grad.abs().amax() > 0, name
         torch.testing.assert_close(grads[name], grad, atol=1e-7, rtol=1e-5)
+
+
+def test_selective_checkpointing_keeps_the_triton_sparse_causal_forward(monkeypatch):
+    """The same under the Triton backend (in the interpreter): its forward is a dispatcher op, so
+    selective checkpointing keeps its output rather than launching the kernel again."""
+    from depthvid.ops import use_backend
+
+    monkeypatch.setattr(recompute, "KEEP_FLOPS_PER_ELEMENT", 1)
+    op = sparse_causal_op("triton")
+    video_unet = inflate_unet(make_unet("sd2_depth"))
+    randomize_temporal(video_unet)
+    mark_trainable(video_unet)
+    sample, timesteps, text = make_inputs(CONFIGS["sd2_depth"], batch=1)
+    blocks = sum(1 for m in video_unet.modules() if type(m).__name__ == "VideoTransformerBlock")
+
+    def launches_and_grads(checkpointing):
+        video_unet.disable_gradient_checkpointing()
+        if checkpointing != "off":
+            video_unet.enable_gradient_checkpointing(selective=checkpointing == "selective")
+        video_unet.zero_grad()
+        counter = CountCalls()
+        counter.COUNTED = {op: "sparse-causal"}
+        with use_backend("triton"), counter:
+            loss = video_unet(sample, timesteps[:1], text).square().mean()
+            counter.phase = "backward"
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in video_unet.named_parameters() if p.requires_grad}
+        return counter.calls[("forward", "sparse-causal")], counter.calls.get(("backward", "sparse-causal"), 0), grads
+
+    _, _, grads_plain = launches_and_grads("off")
+    for checkpointing, relaunched in (("full", blocks), ("selective", 0)):
+        forward, backward, grads = launches_and_grads(checkpointing)
+        assert (forward, backward) == (blocks, relaunched), checkpointing
+        for name, grad in grads_plain.items():
+            torch.testing.assert_close(grads[name], grad, atol=1e-7, rtol=1e-5, msg=f"{checkpointing}: {name}")

@@ -14,8 +14,8 @@ Measured at paper scale, fp32, 2 CPU cores (benchmarks/README.md): the model-onl
 time 460-486 s -> 402 s, its peak 6.74 -> 7.43 GiB.
 
 Only ops that pass through the dispatcher are seen: aten's convs and SDPA kernels (CPU and CUDA)
-and depthvid._C's attention ops. The Triton kernels are launched from autograd Functions, so
-under the Triton backend they are recomputed as before.
+and depthvid's sparse-causal forwards (depthvid._C's, and the Triton kernel's, registered as an op
+for this). The Triton pseudo-3D conv is launched from an autograd Function and is recomputed.
 """
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ _ATTENTION_OPS = {
     aten._scaled_dot_product_cudnn_attention.default,
 }
 
+# depthvid's sparse-causal forwards, (q, k, v, num_frames, scale) -> out, lse: depthvid._C's
+# (CPU and CUDA) and the Triton kernel's
+_SPARSE_CAUSAL_OPS = {"depthvid.sparse_causal_attn_fwd.default", "depthvid_triton.sparse_causal_attn_fwd.default"}
+
 
 def recompute_flops_per_element(op, args) -> float:
     """FLOPs per output element of recomputing ``op(*args)``; 0 for ops not worth counting."""
@@ -48,7 +52,7 @@ def recompute_flops_per_element(op, args) -> float:
     if op is aten.convolution.default and not args[6]:  # not transposed
         weight = args[1]
         return 2.0 * weight[0].numel()  # in_channels / groups x kernel taps
-    if str(op) == "depthvid.sparse_causal_attn_fwd.default":  # depthvid._C's, CPU or CUDA
+    if str(op) in _SPARSE_CAUSAL_OPS:
         return 4.0 * 2 * args[1].shape[-2]  # keys: frame 0's tokens and frame f-1's
     return 0.0
 

@@ -575,6 +575,19 @@ def gpu_launches(frames: int = 8, tokens: int = 4096) -> list[Launch]:
 # ----------------------------------------------------------------------------------------------
 
 
+@torch.library.custom_op("depthvid_triton::sparse_causal_attn_fwd", mutates_args=())
+def sparse_causal_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int,
+                              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sparse_causal_attn_fwd` as a dispatcher op: selective checkpointing sees only such
+    ops, so this is what lets it keep the forward's output instead of launching it again."""
+    return sparse_causal_attn_fwd(q, k, v, num_frames, scale)
+
+
+@sparse_causal_attn_fwd_op.register_fake
+def _fwd_fake(q, k, v, num_frames, scale):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
 def sparse_causal_attn_triton(q, k, v, num_frames: int, scale: float) -> torch.Tensor:
     """Sparse-causal attention with the fused Triton kernels (called by depthvid.ops).
 
@@ -587,4 +600,5 @@ def sparse_causal_attn_triton(q, k, v, num_frames: int, scale: float) -> torch.T
         (batch*frames, heads, tokens, head_dim) in the input dtype; differentiable in q, k, v.
     """
     check_attention_inputs("sparse_causal_attention", q, k, v, MAX_HEAD_DIM)
-    return FusedAttentionFunction.apply(sparse_causal_attn_fwd, sparse_causal_attn_bwd, q, k, v, num_frames, float(scale))
+    return FusedAttentionFunction.apply(sparse_causal_attn_fwd_op, sparse_causal_attn_bwd, q, k, v, num_frames,
+                                        float(scale))
