@@ -4,11 +4,12 @@ diffusers checkpoints each resnet and transformer block, and by default recomput
 forward in backward: at paper scale (8 x 512x512, full-size SD2-depth) that is 5.6 of the step's
 22.6 TFLOP. Most of it is a few ops whose outputs are small next to their cost: self-attention
 (4 x keys FLOPs per output element: 16,384 at 64x64 latents) and 3x3 convs (18 x input channels:
-11,520 and up from 640 channels). Linears (2 x in-features: 640-5,120) and the norms and
-activations between them are cheap per element kept, and they are what makes a block's
-activations large (the feed-forward's hidden layer alone is 8x a block's input). So an op's output
-is kept when recomputing it costs at least :data:`KEEP_FLOPS_PER_ELEMENT`, through torch's
-selective checkpointing (``torch.utils.checkpoint.create_selective_checkpoint_contexts``).
+11,520 and up from 640 channels). Linears (2 x in-features: 640 for most of them at 64x64
+latents, where most activations are) and the norms and activations between them are cheap per
+element kept, and they are what makes a block's activations large (the feed-forward's hidden
+layer alone is 8x a block's input), so they are not counted. An attention or conv output is kept
+when recomputing it costs at least :data:`KEEP_FLOPS_PER_ELEMENT`, through torch's selective
+checkpointing (``torch.utils.checkpoint.create_selective_checkpoint_contexts``).
 
 Measured at paper scale, fp32, 2 CPU cores (benchmarks/README.md): the model-only step's CPU
 time 460-486 s -> 402 s, its peak 6.74 -> 7.43 GiB.
