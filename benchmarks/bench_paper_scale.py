@@ -104,7 +104,7 @@ def model_step(model_dir: str, precision: str, checkpointing: str) -> dict:
     mark_trainable(video_unet)
     plan = tuning_plan(video_unet.config, frames=FRAMES, height=SIZE, width=SIZE)
     if checkpointing == "auto":
-        checkpointing = ("selective" if plan.selective else "full") if plan.gradient_checkpointing else "off"
+        checkpointing = plan.checkpointing()
     use_checkpoint(video_unet, checkpointing)
     video_unet.train()
     params = [p for p in video_unet.parameters() if p.requires_grad]

@@ -71,6 +71,12 @@ class TuningPlan:
     activation_bytes: int  # estimated without checkpointing
     budget_bytes: int  # MEMORY_HEADROOM x the memory available when the plan was made
 
+    def checkpointing(self, on: bool | None = None) -> str:
+        """"off", "selective" or "full": the plan's choice, or its kind of checkpointing when ``on``
+        (a user's --gradient-checkpointing) decides whether to checkpoint."""
+        on = self.gradient_checkpointing if on is None else on
+        return ("selective" if self.selective else "full") if on else "off"
+
 
 def tuning_plan(unet_config, frames: int, height: int, width: int, *, batch: int = 1,
                 dtype: torch.dtype = torch.float32, available_bytes: int | None = None,

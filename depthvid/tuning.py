@@ -341,12 +341,10 @@ def _tune(config: TuneConfig, run_dir: str | Path, *, resume: bool, progress: bo
     use_checkpointing = config.gradient_checkpointing
     if use_checkpointing is None and cuda_like and device.type == "cpu":
         use_checkpointing = True  # the rehearsal of the CUDA run checkpoints like a GPU at paper scale
-    if use_checkpointing is None:
-        use_checkpointing = plan.gradient_checkpointing
-    use_checkpointing, selective = split.broadcast((use_checkpointing, plan.selective))
-    run["gradient_checkpointing"] = ("selective" if selective else "full") if use_checkpointing else "off"
-    if use_checkpointing:
-        video_unet.enable_gradient_checkpointing(selective=selective)
+    checkpointing = split.broadcast(plan.checkpointing(use_checkpointing))
+    run["gradient_checkpointing"] = checkpointing
+    if checkpointing != "off":
+        video_unet.enable_gradient_checkpointing(selective=checkpointing == "selective")
     video_unet.train()
     params = [p for p in video_unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)

@@ -59,6 +59,8 @@ def test_checkpointing_follows_work_size_and_memory(config, frames, size, availa
     assert plan.gradient_checkpointing is checkpointing
     assert plan.gradient_checkpointing == (plan.activation_bytes > plan.budget_bytes)
     assert plan.selective is selective
+    assert plan.checkpointing() == (("selective" if selective else "full") if checkpointing else "off")
+    assert plan.checkpointing(on=False) == "off"
 
 
 def test_available_memory_is_measured():

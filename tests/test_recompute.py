@@ -67,17 +67,17 @@ def test_the_sparse_causal_ops_count_both_key_frames(backend):
 
 
 class CountCalls(TorchDispatchMode):
-    """Counts the convolution and attention-forward ops that run, per phase."""
+    """Counts the calls of the given ops (default: convolution and CPU flash attention), per phase."""
 
-    COUNTED = {aten.convolution.default: "conv", aten._scaled_dot_product_flash_attention_for_cpu.default: "attention"}
-
-    def __init__(self):
+    def __init__(self, counted=None):
         super().__init__()
+        self.counted = counted or {aten.convolution.default: "conv",
+                                   aten._scaled_dot_product_flash_attention_for_cpu.default: "attention"}
         self.phase, self.calls = "forward", {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.COUNTED:
-            key = (self.phase, self.COUNTED[func])
+        if func in self.counted:
+            key = (self.phase, self.counted[func])
             self.calls[key] = self.calls.get(key, 0) + 1
         return func(*args, **(kwargs or {}))
 
@@ -138,8 +138,7 @@ def test_selective_checkpointing_keeps_the_triton_sparse_causal_forward(monkeypa
         if checkpointing != "off":
             video_unet.enable_gradient_checkpointing(selective=checkpointing == "selective")
         video_unet.zero_grad()
-        counter = CountCalls()
-        counter.COUNTED = {op: "sparse-causal"}
+        counter = CountCalls({op: "sparse-causal"})
         with use_backend("triton"), counter:
             loss = video_unet(sample, timesteps[:1], text).square().mean()
             counter.phase = "backward"
